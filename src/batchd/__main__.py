@@ -1,0 +1,3 @@
+from batchd.cli import app
+
+app()

@@ -1,0 +1,1 @@
+"""HTTP: the OpenAI-compatible routers, error rendering and the app factory."""

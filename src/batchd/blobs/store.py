@@ -1,0 +1,90 @@
+"""A thin seam over obstore so callers never see which object store holds the bytes.
+
+Writes are streamed and atomic (obstore publishes an object only when its writer closes),
+reads are streamed or ranged. obstore's errors become ``StorageError`` here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import obstore
+from obstore.exceptions import NotFoundError
+from obstore.store import LocalStore
+
+from batchd.errors import StorageError
+
+READ_CHUNK = 1024 * 1024
+
+
+class BlobWriter:
+    """Streams bytes into one object, counting them and hashing them on the way."""
+
+    def __init__(self, store: BlobStore, key: str):
+        self.key = key
+        self.size = 0
+        self._sha = hashlib.sha256()
+        self._file = obstore.open_writer_async(store.inner, key, buffer_size=8 * 1024 * 1024)
+
+    async def write(self, data: bytes) -> None:
+        self.size += len(data)
+        self._sha.update(data)
+        await self._file.write(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    async def close(self) -> None:
+        try:
+            await self._file.close()
+        except Exception as exc:  # obstore raises many kinds; all mean the write failed
+            raise StorageError(f"could not store {self.key}: {exc}") from exc
+
+
+class BlobStore:
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    @classmethod
+    def local(cls, root: Path) -> BlobStore:
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(LocalStore(str(root), mkdir=True))
+
+    def writer(self, key: str) -> BlobWriter:
+        return BlobWriter(self, key)
+
+    async def put(self, key: str, data: bytes) -> None:
+        try:
+            await obstore.put_async(self.inner, key, data)
+        except Exception as exc:
+            raise StorageError(f"could not store {key}: {exc}") from exc
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        try:
+            return bytes(await obstore.get_range_async(self.inner, key, start=start, end=end))
+        except NotFoundError as exc:
+            raise StorageError(f"missing object {key}") from exc
+
+    async def stream(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Yield the object's bytes in ~1 MiB pieces, from ``start`` to ``end``."""
+        options: dict[str, Any] = {}
+        if start or end is not None:
+            options["range"] = (start, end) if end is not None else {"offset": start}
+        try:
+            result = await obstore.get_async(self.inner, key, options=options or None)
+        except NotFoundError as exc:
+            raise StorageError(f"missing object {key}") from exc
+        async for piece in result.stream(min_chunk_size=READ_CHUNK):
+            yield bytes(piece)
+
+    async def delete(self, key: str) -> None:
+        try:
+            await obstore.delete_async(self.inner, key)
+        except NotFoundError:
+            pass

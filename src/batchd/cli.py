@@ -1,0 +1,100 @@
+"""The ``batchd`` command line."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="batchd: an OpenAI-compatible Batch API.")
+
+
+def _settings(**given: Any) -> Any:
+    """Settings from the environment, overridden by the options given on the command line."""
+    from batchd.config import Settings
+
+    return Settings(**{k: v for k, v in given.items() if v is not None})
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind [env BATCHD_HOST; default 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env BATCHD_PORT; default 8080]")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="SQLite file and blobs live here [env BATCHD_DATA_DIR; default ./batchd-data]")
+    ] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option(help="OpenAI-compatible base URL [env BATCHD_UPSTREAM_URL; default http://127.0.0.1:8000/v1]"),
+    ] = None,
+    upstream_api_key: Annotated[
+        str | None, typer.Option(help="Bearer key for the upstream [env BATCHD_UPSTREAM_API_KEY]")
+    ] = None,
+    completion_windows: Annotated[
+        str | None, typer.Option(help="Allowed completion windows, e.g. 24h,1h,90s [env BATCHD_COMPLETION_WINDOWS]")
+    ] = None,
+    upstream_concurrency: Annotated[
+        int | None, typer.Option(help="Most requests in flight to the upstream [env BATCHD_UPSTREAM_CONCURRENCY; 64]")
+    ] = None,
+    no_worker: Annotated[bool, typer.Option("--no-worker", help="Serve the API only; run no worker")] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run the HTTP API with an in-process worker (SQLite + local directory by default)."""
+    import uvicorn
+
+    from batchd.api.app import create_app
+
+    settings = _settings(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        upstream_url=upstream,
+        upstream_api_key=upstream_api_key,
+        completion_windows=completion_windows,
+        upstream_concurrency=upstream_concurrency,
+        run_worker=False if no_worker else None,
+    )
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@app.command()
+def migrate(
+    data_dir: Annotated[Path | None, typer.Option(help="[env BATCHD_DATA_DIR]")] = None,
+    database_url: Annotated[str | None, typer.Option(help="[env BATCHD_DATABASE_URL]")] = None,
+) -> None:
+    """Apply database migrations and exit."""
+    from batchd.store.migrate import upgrade
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+    typer.echo("database is up to date")
+
+
+@app.command("fake-upstream")
+def fake_upstream(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    latency: Annotated[float, typer.Option(help="Seconds before each answer")] = 0.0,
+    failure_rate: Annotated[float, typer.Option(help="Fraction of requests answered 500")] = 0.0,
+    rpm: Annotated[int | None, typer.Option(help="Requests/minute before answering 429")] = None,
+) -> None:
+    """An OpenAI-compatible stand-in for a model server, for first tries and tests.
+    Its answers say plainly that they are not a model's."""
+    from batchd.testing.fake_upstream import run_fake_upstream
+
+    run_fake_upstream(host=host, port=port, latency=latency, failure_rate=failure_rate, rpm=rpm)
+
+
+if __name__ == "__main__":
+    app()

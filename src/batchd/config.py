@@ -1,0 +1,72 @@
+"""Settings, built once by the CLI (or a test) and passed down; nothing reads the env on import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from batchd.durations import parse_duration
+
+
+class Settings(BaseSettings):
+    """Every knob of a batchd process; each one is also a ``BATCHD_*`` environment variable."""
+
+    model_config = SettingsConfigDict(env_prefix="BATCHD_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("./batchd-data")
+    database_url: str | None = None
+    upstream_url: str = "http://127.0.0.1:8000/v1"
+    upstream_api_key: str | None = None
+    completion_windows: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["24h"])
+
+    # Dispatch.
+    upstream_concurrency: int = Field(64, ge=1, le=10_000)
+    request_timeout: float = Field(600.0, gt=0)
+    max_attempts: int = Field(8, ge=1)
+    chunk_lines: int = Field(1000, ge=1)
+    checkpoint_lines: int = Field(500, ge=1)
+    checkpoint_interval: float = Field(0.5, gt=0)
+    lease_seconds: float = Field(30.0, gt=0)
+    poll_interval: float = Field(0.2, gt=0)
+
+    # Input limits.
+    max_file_bytes: int = Field(10 * 1024**3, ge=1)
+    max_lines_per_batch: int = Field(5_000_000, ge=1)
+    max_validation_errors: int = Field(100, ge=1)
+
+    run_worker: bool = True
+
+    @field_validator("completion_windows", mode="before")
+    @classmethod
+    def _split_windows(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            for item in value:
+                parse_duration(str(item))
+        return value
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def window_seconds(self) -> dict[str, int]:
+        """Allowed ``completion_window`` strings and their length in seconds."""
+        return {w: parse_duration(w) for w in self.completion_windows}
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'batchd.sqlite3').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return (self.data_dir / "blobs").resolve()

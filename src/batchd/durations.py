@@ -1,0 +1,22 @@
+"""Durations as operators write them (``24h``, ``90s``, ``1h30m``), parsed once."""
+
+from __future__ import annotations
+
+import re
+
+_PART = re.compile(r"(\d+)([smhd])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``text``; raises ValueError for anything but ``<int><s|m|h|d>`` runs."""
+    text = text.strip().lower()
+    pos, total = 0, 0
+    for match in _PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += int(match.group(1)) * _UNIT[match.group(2)]
+        pos = match.end()
+    if not text or pos != len(text) or total <= 0:
+        raise ValueError(f"not a duration: {text!r} (use forms like 24h, 90s, 1h30m)")
+    return total

@@ -1,0 +1,1 @@
+"""Running batches: validation jobs, chunk leases, dispatch, checkpoints, finalization."""

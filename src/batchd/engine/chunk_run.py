@@ -1,0 +1,173 @@
+"""One leased chunk in flight: which lines are done, buffered results, checkpoints.
+
+Results are buffered and written as one result part per checkpoint (every N lines or T
+seconds): part blobs first, then one fenced transaction that records the part, marks its lines
+done and adds to the batch's counts. A crash between the two leaves an unreferenced blob and
+lines that will be sent again, never a duplicate line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from batchd.blobs import BlobStore
+from batchd.engine.results import LineResult
+from batchd.store import Store
+from batchd.store.store import PartCommit, Row
+
+
+def bitmap_to_int(data: bytes) -> int:
+    return int.from_bytes(data, "little")
+
+
+def int_to_bitmap(value: int, lines: int) -> bytes:
+    return value.to_bytes((lines + 7) // 8, "little")
+
+
+@dataclass
+class BatchInfo:
+    id: str
+    endpoint: str
+    path: str
+    expires_at: int
+    input_key: str
+
+
+@dataclass
+class ChunkRun:
+    chunk: Row
+    batch: BatchInfo
+    done: int
+    out: list[bytes] = field(default_factory=list)
+    err: list[bytes] = field(default_factory=list)
+    pending: int = 0
+    completed: int = 0
+    failed: int = 0
+    usage: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0])
+    outstanding: int = 0
+    feeding_done: bool = False
+    stopping: bool = False
+    lost: bool = False
+    part_seq: int = 0
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.batch.id, self.chunk["idx"]
+
+    @property
+    def generation(self) -> int:
+        return int(self.chunk["generation"])
+
+    @property
+    def lines(self) -> int:
+        return int(self.chunk["line_count"])
+
+    @property
+    def buffered(self) -> int:
+        return len(self.out) + len(self.err)
+
+    def should_stop(self) -> bool:
+        return self.stopping or self.lost or time.time() >= self.batch.expires_at
+
+    def is_done(self, idx: int) -> bool:
+        return bool((self.done >> idx) & 1)
+
+    def record(self, idx: int, result: LineResult | None) -> None:
+        self.outstanding -= 1
+        if result is not None:
+            self.pending |= 1 << idx
+            if result.ok:
+                self.out.append(result.line)
+                self.completed += 1
+                for i, n in enumerate(result.usage):
+                    self.usage[i] += n
+            else:
+                self.err.append(result.line)
+                if result.http_error:
+                    self.failed += 1
+        self.check_settled()
+
+    def check_settled(self) -> None:
+        if self.feeding_done and self.outstanding == 0:
+            self.settled.set()
+
+    async def checkpoint(
+        self, store: Store, blobs: BlobStore, owner: str, *, final: bool, ttl: float
+    ) -> None:
+        """Persist buffered results; on the final call, also mark the chunk done if every
+        line has a result. Serialised per chunk by ``lock``."""
+        async with self.lock:
+            if self.lost:
+                return
+            full = (1 << self.lines) - 1
+            chunk_done = final and (self.done | self.pending) == full
+            if not self.buffered and not chunk_done:
+                return
+            out, err, pending = self.out, self.err, self.pending
+            counts, usage = (self.completed, self.failed), tuple(self.usage)
+            self.out, self.err, self.pending = [], [], 0
+            self.completed = self.failed = 0
+            self.usage = [0, 0, 0, 0, 0]
+            try:
+                ok = await self._commit(store, blobs, owner, out, err, pending, counts, usage, chunk_done, ttl)
+            except BaseException:
+                # Keep the results for the next checkpoint rather than losing them.
+                self.out, self.err = out + self.out, err + self.err
+                self.pending |= pending
+                self.completed += counts[0]
+                self.failed += counts[1]
+                self.usage = [a + b for a, b in zip(self.usage, usage, strict=True)]
+                raise
+            if ok:
+                self.done |= pending
+            else:
+                self.lost = True
+
+    async def _commit(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        owner: str,
+        out: list[bytes],
+        err: list[bytes],
+        pending: int,
+        counts: tuple[int, int],
+        usage: tuple[int, ...],
+        chunk_done: bool,
+        ttl: float,
+    ) -> bool:
+        self.part_seq += 1
+        stem = f"batches/{self.batch.id}/parts/{self.chunk['idx']:07d}.{self.generation}.{self.part_seq}"
+        out_data, err_data = b"".join(out), b"".join(err)
+        out_key = f"{stem}.out.jsonl" if out_data else None
+        err_key = f"{stem}.err.jsonl" if err_data else None
+        if out_key:
+            await blobs.put(out_key, out_data)
+        if err_key:
+            await blobs.put(err_key, err_data)
+        part = PartCommit(
+            batch_id=self.batch.id,
+            chunk_idx=self.chunk["idx"],
+            generation=self.generation,
+            out_key=out_key,
+            out_bytes=len(out_data),
+            out_lines=len(out),
+            err_key=err_key,
+            err_bytes=len(err_data),
+            err_lines=len(err),
+            done_bitmap=int_to_bitmap(pending, self.lines),
+            completed=counts[0],
+            failed=counts[1],
+            usage=usage,  # type: ignore[arg-type]
+            chunk_done=chunk_done,
+        )
+        ok = await store.commit_part(owner, part, time.time(), ttl)
+        if not ok:
+            for key in (out_key, err_key):
+                if key:
+                    await blobs.delete(key)
+        return ok

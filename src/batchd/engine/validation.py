@@ -1,0 +1,72 @@
+"""The validation job: lease a ``validating`` batch, check its file, plan its chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import orjson
+
+from batchd.blobs import BlobStore
+from batchd.config import Settings
+from batchd.ingest.validate import validate_file
+from batchd.store import Store
+
+log = logging.getLogger(__name__)
+
+
+async def validate_next(store: Store, blobs: BlobStore, settings: Settings, owner: str) -> bool:
+    """Validate one waiting batch, if any; True when one was taken."""
+    ttl = settings.lease_seconds
+    batch = await store.claim_validation(owner, time.time(), ttl)
+    if batch is None:
+        return False
+    started = time.monotonic()
+    renew = asyncio.create_task(_keep_job(store, batch["id"], owner, ttl))
+    try:
+        plan = await validate_file(
+            blobs,
+            await store.input_blob_key(batch["id"]),
+            endpoint=batch["endpoint"],
+            chunk_lines=settings.chunk_lines,
+            max_lines=settings.max_lines_per_batch,
+            max_errors=settings.max_validation_errors,
+        )
+    finally:
+        renew.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renew
+    now = int(time.time())
+    if plan.errors:
+        errors = orjson.dumps({"object": "list", "data": plan.errors}).decode()
+        await store.fail_batch(batch["id"], owner, errors_json=errors, total=plan.total, now=now)
+        outcome = "failed"
+    else:
+        chunk_rows = [{**c, "batch_id": batch["id"]} for c in plan.chunks]
+        await store.start_batch(
+            batch["id"],
+            owner,
+            model=plan.model,
+            total=plan.total,
+            chunk_rows=chunk_rows,
+            expires_at=batch["expires_at"],
+            now=now,
+        )
+        outcome = "in_progress"
+    log.info(
+        "validated batch: %s (%d lines, %d errors) in %.2fs",
+        outcome,
+        plan.total,
+        len(plan.errors),
+        time.monotonic() - started,
+        extra={"batch_id": batch["id"], "action": "validate"},
+    )
+    return True
+
+
+async def _keep_job(store: Store, batch_id: str, owner: str, ttl: float) -> None:
+    while True:
+        await asyncio.sleep(ttl / 3)
+        await store.renew_job(batch_id, owner, time.time(), ttl)

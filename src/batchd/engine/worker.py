@@ -1,0 +1,291 @@
+"""The worker: leases chunks and sends their lines; validates and finalizes batches.
+
+It reads like this: a stop event; a bounded queue of lines fed by one feeder per leased chunk;
+``concurrency`` senders draining it; side tasks for checkpoints, heartbeats and watching for
+cancel and expiry; and a loop that leases work, runs validation and finalization jobs, and
+cleans up. ``run_until_idle`` serves tests and one-shot runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from batchd.blobs import BlobStore
+from batchd.config import Settings
+from batchd.engine.chunk_run import BatchInfo, ChunkRun, bitmap_to_int
+from batchd.engine.dispatch import SendPolicy, send_line
+from batchd.engine.finalize import finalize_batch
+from batchd.engine.validation import validate_next
+from batchd.errors import BatchdError
+from batchd.ids import worker_id
+from batchd.ingest.lines import clean, split_block
+from batchd.store import Store
+from batchd.store.store import Row
+from batchd.upstreams.base import Upstream
+
+log = logging.getLogger(__name__)
+
+QueueItem = tuple[ChunkRun, int, str, bytes]
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: Store, blobs: BlobStore, upstream: Upstream):
+        self.settings = settings
+        self.store = store
+        self.blobs = blobs
+        self.upstream = upstream
+        self.owner = worker_id()
+        self.policy = SendPolicy(settings.request_timeout, settings.max_attempts)
+        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize=settings.upstream_concurrency)
+        self.runs: dict[tuple[str, int], ChunkRun] = {}
+        self.jobs: set[asyncio.Task[None]] = set()
+        self.stop = asyncio.Event()
+        self.wake = asyncio.Event()
+        self._batches: dict[str, BatchInfo] = {}
+        self._finalizing: set[str] = set()
+        self._validating = False
+        chunks_needed = -(-settings.upstream_concurrency // settings.chunk_lines)
+        self.max_runs = max(4, 2 * chunks_needed)
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def run(self) -> None:
+        """Work until ``stop`` is set, then drain in-flight requests and checkpoint."""
+        senders = [asyncio.create_task(self._sender()) for _ in range(self.settings.upstream_concurrency)]
+        sides = [
+            asyncio.create_task(self._every(self.settings.checkpoint_interval, self._checkpoint_all)),
+            asyncio.create_task(self._every(self.settings.lease_seconds / 3, self._heartbeat)),
+            asyncio.create_task(self._every(self.settings.poll_interval, self._watch_batches)),
+            asyncio.create_task(self._every(30.0, self._purge)),
+        ]
+        try:
+            while not self.stop.is_set():
+                await self._tick()
+                self.wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self.settings.poll_interval)
+        finally:
+            await self._drain()
+            for task in sides + senders:
+                task.cancel()
+            await asyncio.gather(*sides, *senders, return_exceptions=True)
+
+    async def run_until_idle(self, idle_ticks: int = 3) -> None:
+        """Run until nothing is left to validate, dispatch or finalize (``batchd run``)."""
+        runner = asyncio.create_task(self.run())
+        quiet = 0
+        while quiet < idle_ticks and not runner.done():
+            await asyncio.sleep(self.settings.poll_interval)
+            busy = self.runs or self.jobs or await self.store.has_active_batches()
+            quiet = 0 if busy else quiet + 1
+        self.stop.set()
+        await runner
+
+    async def _drain(self) -> None:
+        """Stop feeding, let in-flight requests finish, checkpoint, give chunks back."""
+        for run in self.runs.values():
+            run.stopping = True
+        if self.runs:
+            await asyncio.wait(
+                [asyncio.create_task(r.settled.wait()) for r in self.runs.values()],
+                timeout=self.settings.request_timeout,
+            )
+        if self.jobs:
+            await asyncio.wait(self.jobs, timeout=self.settings.lease_seconds)
+
+    # ------------------------------------------------------------------ main loop
+
+    async def _tick(self) -> None:
+        await self._start_validation()
+        await self._start_finalizations()
+        await self._lease_more()
+
+    async def _lease_more(self) -> None:
+        room = self.max_runs - len(self.runs)
+        if room <= 0:
+            return
+        leased = await self.store.lease_chunks(self.owner, time.time(), self.settings.lease_seconds, room)
+        for chunk in leased:
+            self._spawn(self._run_chunk(chunk))
+
+    async def _start_validation(self) -> None:
+        if self._validating:
+            return
+        self._validating = True
+
+        async def job() -> None:
+            try:
+                while not self.stop.is_set() and await validate_next(
+                    self.store, self.blobs, self.settings, self.owner
+                ):
+                    self.wake.set()
+            finally:
+                self._validating = False
+
+        self._spawn(job())
+
+    async def _start_finalizations(self) -> None:
+        for cand in await self.store.finalize_candidates(time.time()):
+            bid = cand["id"]
+            if bid in self._finalizing or any(k[0] == bid for k in self.runs):
+                continue
+            self._finalizing.add(bid)
+
+            async def job(bid: str = bid) -> None:
+                try:
+                    await finalize_batch(self.store, self.blobs, bid, self.owner, self.settings.lease_seconds)
+                finally:
+                    self._finalizing.discard(bid)
+                    self._batches.pop(bid, None)
+
+            self._spawn(job())
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.jobs.add(task)
+        task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        self.jobs.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker job failed", exc_info=task.exception())
+
+    # ------------------------------------------------------------------ chunks
+
+    async def _run_chunk(self, chunk: Row) -> None:
+        batch = await self._batch_info(chunk["batch_id"])
+        done = 0
+        for bitmap in await self.store.done_bitmaps(chunk["batch_id"], chunk["idx"]):
+            done |= bitmap_to_int(bitmap)
+        run = ChunkRun(chunk=chunk, batch=batch, done=done)
+        self.runs[run.key] = run
+        try:
+            await self._feed(run)
+            await run.settled.wait()
+            await asyncio.shield(self._finish_chunk(run))
+        finally:
+            self.runs.pop(run.key, None)
+            self.wake.set()
+
+    async def _feed(self, run: ChunkRun) -> None:
+        try:
+            block = await self.blobs.get_range(
+                run.batch.input_key, run.chunk["byte_start"], run.chunk["byte_end"]
+            )
+            idx = 0
+            for start, _end, raw in split_block(block, run.chunk["byte_start"]):
+                text = clean(raw, start == 0)
+                if text is None:
+                    continue
+                if not run.is_done(idx):
+                    if run.should_stop():
+                        break
+                    custom_id, body = _request_of(text)
+                    run.outstanding += 1
+                    await self.queue.put((run, idx, custom_id, body))
+                idx += 1
+        finally:
+            run.feeding_done = True
+            run.check_settled()
+
+    async def _finish_chunk(self, run: ChunkRun) -> None:
+        await run.checkpoint(
+            self.store, self.blobs, self.owner, final=True, ttl=self.settings.lease_seconds
+        )
+        if not run.lost and (run.done != (1 << run.lines) - 1):
+            await self.store.release_chunk(self.owner, run.batch.id, run.chunk["idx"], run.generation)
+
+    async def _sender(self) -> None:
+        while True:
+            run, idx, custom_id, body = await self.queue.get()
+            try:
+                if run.should_stop():
+                    run.record(idx, None)
+                    continue
+                result = await send_line(
+                    self.upstream,
+                    run.batch.path,
+                    custom_id,
+                    body,
+                    deadline=run.batch.expires_at,
+                    policy=self.policy,
+                    stopping=run.should_stop,
+                )
+                run.record(idx, result)
+                if run.buffered >= self.settings.checkpoint_lines and not run.lock.locked():
+                    self._spawn(self._checkpoint(run))
+            except Exception:
+                log.exception("sending a line failed", extra={"batch_id": run.batch.id})
+                run.record(idx, None)
+
+    async def _batch_info(self, batch_id: str) -> BatchInfo:
+        info = self._batches.get(batch_id)
+        if info is None:
+            row = await self.store.get_batch(batch_id)
+            assert row is not None
+            info = BatchInfo(
+                id=batch_id,
+                endpoint=row["endpoint"],
+                path=row["endpoint"].removeprefix("/v1"),
+                expires_at=row["expires_at"],
+                input_key=await self.store.input_blob_key(batch_id),
+            )
+            self._batches[batch_id] = info
+        return info
+
+    # ------------------------------------------------------------------ side tasks
+
+    async def _every(self, interval: float, action: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await action()
+            except (BatchdError, OSError, RuntimeError) as exc:
+                log.warning("%s failed: %s", action.__name__, exc)
+            except Exception:
+                log.exception("%s failed", action.__name__)
+
+    async def _checkpoint(self, run: ChunkRun) -> None:
+        await asyncio.shield(
+            run.checkpoint(self.store, self.blobs, self.owner, final=False, ttl=self.settings.lease_seconds)
+        )
+
+    async def _checkpoint_all(self) -> None:
+        for run in list(self.runs.values()):
+            if run.buffered:
+                await self._checkpoint(run)
+
+    async def _heartbeat(self) -> None:
+        held = [(r.batch.id, r.chunk["idx"], r.generation) for r in self.runs.values()]
+        if not held:
+            return
+        lost = await self.store.heartbeat(self.owner, held, time.time(), self.settings.lease_seconds)
+        for key in lost:
+            if key in self.runs:
+                self.runs[key].lost = True
+
+    async def _watch_batches(self) -> None:
+        """Stop feeding chunks of batches that were cancelled (or ended elsewhere)."""
+        statuses = await self.store.batch_statuses({k[0] for k in self.runs})
+        for (bid, _), run in list(self.runs.items()):
+            if statuses.get(bid) != "in_progress":
+                run.stopping = True
+        if any(r.should_stop() for r in self.runs.values()):
+            self.wake.set()
+
+    async def _purge(self) -> None:
+        for f in await self.store.files_to_purge(int(time.time())):
+            for key in await self.store.purge_file(f["id"]):
+                await self.blobs.delete(key)
+
+
+def _request_of(text: bytes) -> tuple[str, bytes]:
+    """custom_id and the body to send; the line was validated, so the shape holds."""
+    obj = orjson.loads(text)
+    return obj["custom_id"], orjson.dumps(obj["body"])

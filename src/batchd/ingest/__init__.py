@@ -1,0 +1,1 @@
+"""Getting input in: streaming multipart uploads, line splitting, validation, chunk planning."""

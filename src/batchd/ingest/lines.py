@@ -1,0 +1,56 @@
+"""Splitting stored JSONL into lines, the same way for validation and for dispatch.
+
+A line is what lies between two ``\\n``. A trailing ``\\r`` is dropped (CRLF files), a UTF-8
+BOM at the very start of the file is dropped, and blank lines are skipped but still counted,
+so line numbers match what an editor shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+from batchd.blobs import BlobStore
+
+BOM = b"\xef\xbb\xbf"
+
+
+def clean(raw: bytes, at_file_start: bool) -> bytes | None:
+    """The line's JSON text, or None for a blank line."""
+    if at_file_start and raw.startswith(BOM):
+        raw = raw[3:]
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    if not raw.strip():
+        return None
+    return raw
+
+
+def split_block(block: bytes, offset: int) -> Iterator[tuple[int, int, bytes]]:
+    """Lines of a block that is known to end at a line boundary: (start, end, raw)."""
+    pos = 0
+    size = len(block)
+    while pos < size:
+        nl = block.find(b"\n", pos)
+        end = size if nl < 0 else nl + 1
+        yield offset + pos, offset + end, block[pos : end - 1 if nl >= 0 else end]
+        pos = end
+
+
+async def iter_lines(
+    blobs: BlobStore, key: str, start: int = 0, end: int | None = None
+) -> AsyncIterator[tuple[int, int, bytes]]:
+    """Stream (byte_start, byte_end, raw_line) over a stored object without loading it."""
+    carry = b""
+    carry_at = start
+    async for piece in blobs.stream(key, start, end):
+        data = carry + piece if carry else piece
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            carry = data
+            continue
+        for item in split_block(data[:cut], carry_at):
+            yield item
+        carry = data[cut:]
+        carry_at += cut
+    if carry:
+        yield carry_at, carry_at + len(carry), carry

@@ -1,0 +1,578 @@
+"""The Store: intent-named operations over the metadata tables.
+
+Every state change that must be atomic is one transaction here. Chunk work is fenced by a
+generation number: a worker commits results only while its (owner, generation) still holds
+the chunk, so a worker that lost its lease can never add a result twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from batchd.store.engine import make_engine
+from batchd.store.tables import batches, chunks, files, result_parts
+
+Row = dict[str, Any]
+ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+@dataclass(frozen=True)
+class PartCommit:
+    """One checkpoint of a chunk: result blobs already written, counts and usage to add."""
+
+    batch_id: str
+    chunk_idx: int
+    generation: int
+    out_key: str | None
+    out_bytes: int
+    out_lines: int
+    err_key: str | None
+    err_bytes: int
+    err_lines: int
+    done_bitmap: bytes
+    completed: int
+    failed: int
+    usage: tuple[int, int, int, int, int]
+    chunk_done: bool
+
+
+def _row(r: Any) -> Row:
+    return dict(r._mapping)
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        return cls(make_engine(url))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # ----------------------------------------------------------------------------- files
+
+    async def insert_file(self, **values: Any) -> Row:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(files).values(**values))
+        return {**values, "deleted_at": None}
+
+    async def get_file(self, project: str, file_id: str) -> Row | None:
+        q = select(files).where(
+            files.c.id == file_id, files.c.project == project, files.c.deleted_at.is_(None)
+        )
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(q)).first()
+        return _row(r) if r else None
+
+    async def list_files(
+        self, project: str, *, purpose: str | None, limit: int, order: str, after: str | None
+    ) -> tuple[list[Row], bool] | None:
+        """A page of the project's files; None when ``after`` names no file of the project."""
+        where = [files.c.project == project, files.c.deleted_at.is_(None)]
+        if purpose:
+            where.append(files.c.purpose == purpose)
+        async with self.engine.connect() as conn:
+            if after:
+                seq = await self._seq_of(conn, files, project, after)
+                if seq is None:
+                    return None
+                where.append(files.c.seq < seq if order == "desc" else files.c.seq > seq)
+            key = files.c.seq.desc() if order == "desc" else files.c.seq.asc()
+            q = select(files).where(*where).order_by(key).limit(limit + 1)
+            rows = [_row(r) for r in (await conn.execute(q))]
+        return rows[:limit], len(rows) > limit
+
+    async def delete_file(self, project: str, file_id: str, now: int) -> bool:
+        """Hide the file at once; its bytes go when no running batch reads them (``purge``)."""
+        q = (
+            update(files)
+            .where(
+                files.c.id == file_id, files.c.project == project, files.c.deleted_at.is_(None)
+            )
+            .values(deleted_at=now)
+        )
+        async with self.engine.begin() as conn:
+            return (await conn.execute(q)).rowcount == 1
+
+    async def files_to_purge(self, now: int, limit: int = 100) -> list[Row]:
+        """Deleted or expired files that no active batch still reads."""
+        in_use = select(batches.c.input_file_id).where(batches.c.status.in_(ACTIVE_STATUSES))
+        q = (
+            select(files)
+            .where(
+                or_(files.c.deleted_at.is_not(None), files.c.expires_at <= now),
+                files.c.id.not_in(in_use),
+            )
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [_row(r) for r in await conn.execute(q)]
+
+    async def purge_file(self, file_id: str) -> list[str]:
+        """Remove a file row; returns the blob keys that nothing references any more."""
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(select(files).where(files.c.id == file_id))).first()
+            if row is None:
+                return []
+            f = _row(row)
+            await conn.execute(delete(files).where(files.c.id == file_id))
+            if f["blob_key"]:
+                return [f["blob_key"]]
+            key_col = result_parts.c.out_key if f["stream"] == "output" else result_parts.c.err_key
+            keys = await conn.execute(
+                select(key_col).where(result_parts.c.batch_id == f["batch_id"], key_col.is_not(None))
+            )
+            return [k for (k,) in keys]
+
+    # --------------------------------------------------------------------------- batches
+
+    async def insert_batch(self, **values: Any) -> Row:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(batches).values(**values))
+            r = (await conn.execute(select(batches).where(batches.c.id == values["id"]))).one()
+        return _row(r)
+
+    async def get_batch(self, batch_id: str, project: str | None = None) -> Row | None:
+        q = select(batches).where(batches.c.id == batch_id)
+        if project is not None:
+            q = q.where(batches.c.project == project)
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(q)).first()
+        return _row(r) if r else None
+
+    async def list_batches(
+        self, project: str, *, limit: int, after: str | None
+    ) -> tuple[list[Row], bool] | None:
+        where = [batches.c.project == project]
+        async with self.engine.connect() as conn:
+            if after:
+                seq = await self._seq_of(conn, batches, project, after)
+                if seq is None:
+                    return None
+                where.append(batches.c.seq < seq)
+            q = select(batches).where(*where).order_by(batches.c.seq.desc()).limit(limit + 1)
+            rows = [_row(r) for r in await conn.execute(q)]
+        return rows[:limit], len(rows) > limit
+
+    async def request_cancel(self, project: str, batch_id: str, now: int) -> Row | None:
+        """Move an active batch to ``cancelling``; other states are left as they are."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    batches.c.project == project,
+                    batches.c.status.in_(("validating", "in_progress")),
+                )
+                .values(status="cancelling", cancelling_at=now)
+            )
+            r = (
+                await conn.execute(
+                    select(batches).where(batches.c.id == batch_id, batches.c.project == project)
+                )
+            ).first()
+        return _row(r) if r else None
+
+    async def has_active_batches(self) -> bool:
+        q = select(batches.c.id).where(batches.c.status.in_(ACTIVE_STATUSES)).limit(1)
+        async with self.engine.connect() as conn:
+            return (await conn.execute(q)).first() is not None
+
+    async def batch_statuses(self, ids: Iterable[str]) -> dict[str, str]:
+        ids = list(ids)
+        if not ids:
+            return {}
+        q = select(batches.c.id, batches.c.status).where(batches.c.id.in_(ids))
+        async with self.engine.connect() as conn:
+            return {i: s for i, s in await conn.execute(q)}
+
+    # ------------------------------------------------------------------ batch-level jobs
+
+    async def claim_validation(self, owner: str, now: float, ttl: float) -> Row | None:
+        """Lease one ``validating`` batch whose deadline has not passed."""
+        cond = and_(
+            batches.c.status == "validating",
+            batches.c.expires_at > now,
+            or_(batches.c.job_owner.is_(None), batches.c.job_expires_at < now),
+        )
+        return await self._claim_job(cond, owner, now, ttl, batches.c.seq.asc())
+
+    async def finalize_candidates(self, now: float, limit: int = 50) -> list[Row]:
+        """Batches whose dispatch is over: all chunks done, cancelled or past the deadline,
+        with no live chunk lease (in-flight requests finish first)."""
+        open_chunks = (
+            select(func.count())
+            .where(chunks.c.batch_id == batches.c.id, chunks.c.state != "done")
+            .scalar_subquery()
+        )
+        live = (
+            select(func.count())
+            .where(
+                chunks.c.batch_id == batches.c.id,
+                chunks.c.state == "leased",
+                chunks.c.lease_expires_at >= now,
+            )
+            .scalar_subquery()
+        )
+        q = (
+            select(batches.c.id, batches.c.status, batches.c.expires_at, open_chunks, live)
+            .where(
+                or_(
+                    batches.c.status.in_(("in_progress", "finalizing", "cancelling")),
+                    and_(batches.c.status == "validating", batches.c.expires_at <= now),
+                ),
+                or_(batches.c.job_owner.is_(None), batches.c.job_expires_at < now),
+            )
+            .order_by(batches.c.seq)
+            .limit(limit * 20)
+        )
+        out = []
+        async with self.engine.connect() as conn:
+            for bid, status, expires_at, n_open, n_live in await conn.execute(q):
+                ending = status in ("finalizing", "cancelling", "validating") or expires_at <= now
+                if (n_open == 0 or (ending and n_live == 0)) and len(out) < limit:
+                    out.append({"id": bid, "status": status})
+        return out
+
+    async def claim_finalization(self, batch_id: str, owner: str, now: float, ttl: float) -> Row | None:
+        cond = and_(
+            batches.c.id == batch_id,
+            batches.c.status.in_(ACTIVE_STATUSES),
+            or_(batches.c.job_owner.is_(None), batches.c.job_expires_at < now),
+        )
+        return await self._claim_job(cond, owner, now, ttl, batches.c.seq.asc())
+
+    async def renew_job(self, batch_id: str, owner: str, now: float, ttl: float) -> bool:
+        q = (
+            update(batches)
+            .where(batches.c.id == batch_id, batches.c.job_owner == owner)
+            .values(job_expires_at=now + ttl)
+        )
+        async with self.engine.begin() as conn:
+            return (await conn.execute(q)).rowcount == 1
+
+    async def _claim_job(
+        self, cond: Any, owner: str, now: float, ttl: float, order: Any
+    ) -> Row | None:
+        pick = select(batches.c.id).where(cond).order_by(order).limit(1)
+        if self.is_postgres:
+            pick = pick.with_for_update(skip_locked=True)
+        q = (
+            update(batches)
+            .where(batches.c.id.in_(pick.scalar_subquery()), cond)
+            .values(job_owner=owner, job_expires_at=now + ttl)
+            .returning(*batches.c)
+        )
+        async with self.engine.begin() as conn:
+            r = (await conn.execute(q)).first()
+        return _row(r) if r else None
+
+    async def start_batch(
+        self,
+        batch_id: str,
+        owner: str,
+        *,
+        model: str | None,
+        total: int,
+        chunk_rows: Sequence[Row],
+        expires_at: int,
+        now: int,
+    ) -> bool:
+        """Validation passed: record the chunk plan and move to ``in_progress``.
+
+        A batch cancelled while it validated keeps ``cancelling`` but gets its plan too, so
+        its lines can be reported as cancelled.
+        """
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    batches.c.job_owner == owner,
+                    batches.c.status.in_(("validating", "cancelling")),
+                )
+                .values(
+                    model=model,
+                    total=total,
+                    chunk_count=len(chunk_rows),
+                    job_owner=None,
+                    job_expires_at=None,
+                )
+            )
+            if res.rowcount != 1:
+                return False
+            await conn.execute(delete(chunks).where(chunks.c.batch_id == batch_id))
+            for i in range(0, len(chunk_rows), 500):
+                part = [
+                    {**c, "state": "pending", "generation": 0, "done_lines": 0, "expires_at": expires_at}
+                    for c in chunk_rows[i : i + 500]
+                ]
+                await conn.execute(insert(chunks), part)
+            await conn.execute(
+                update(batches)
+                .where(batches.c.id == batch_id, batches.c.status == "validating")
+                .values(status="in_progress", in_progress_at=now)
+            )
+        return True
+
+    async def fail_batch(
+        self, batch_id: str, owner: str, *, errors_json: str, total: int, now: int
+    ) -> bool:
+        q = (
+            update(batches)
+            .where(
+                batches.c.id == batch_id,
+                batches.c.job_owner == owner,
+                batches.c.status.in_(("validating", "cancelling")),
+            )
+            .values(
+                status="failed",
+                errors=errors_json,
+                failed_at=now,
+                total=total,
+                job_owner=None,
+                job_expires_at=None,
+            )
+        )
+        async with self.engine.begin() as conn:
+            return (await conn.execute(q)).rowcount == 1
+
+    # ---------------------------------------------------------------------------- chunks
+
+    async def lease_chunks(self, owner: str, now: float, ttl: float, n: int) -> list[Row]:
+        """Lease up to ``n`` runnable chunks, earliest deadline first; bumps the generation."""
+        runnable = and_(
+            or_(
+                chunks.c.state == "pending",
+                and_(chunks.c.state == "leased", chunks.c.lease_expires_at < now),
+            ),
+            chunks.c.expires_at > now,
+        )
+        pick = (
+            select(chunks.c.batch_id, chunks.c.idx)
+            .join(batches, batches.c.id == chunks.c.batch_id)
+            .where(runnable, batches.c.status == "in_progress")
+            .order_by(chunks.c.expires_at, batches.c.seq, chunks.c.idx)
+            .limit(n)
+        )
+        if self.is_postgres:
+            pick = pick.with_for_update(of=chunks, skip_locked=True)
+        q = (
+            update(chunks)
+            .where(tuple_(chunks.c.batch_id, chunks.c.idx).in_(pick), runnable)
+            .values(
+                state="leased",
+                lease_owner=owner,
+                lease_expires_at=now + ttl,
+                generation=chunks.c.generation + 1,
+            )
+            .returning(*chunks.c)
+        )
+        async with self.engine.begin() as conn:
+            return [_row(r) for r in await conn.execute(q)]
+
+    async def heartbeat(
+        self, owner: str, held: Iterable[tuple[str, int, int]], now: float, ttl: float
+    ) -> set[tuple[str, int]]:
+        """Extend our leases; returns the (batch, chunk) keys we no longer hold."""
+        lost = set()
+        async with self.engine.begin() as conn:
+            for batch_id, idx, gen in held:
+                res = await conn.execute(
+                    update(chunks)
+                    .where(
+                        chunks.c.batch_id == batch_id,
+                        chunks.c.idx == idx,
+                        chunks.c.lease_owner == owner,
+                        chunks.c.generation == gen,
+                        chunks.c.state == "leased",
+                    )
+                    .values(lease_expires_at=now + ttl)
+                )
+                if res.rowcount != 1:
+                    lost.add((batch_id, idx))
+        return lost
+
+    async def done_bitmaps(self, batch_id: str, idx: int) -> list[bytes]:
+        q = select(result_parts.c.done_bitmap).where(
+            result_parts.c.batch_id == batch_id, result_parts.c.chunk_idx == idx
+        )
+        async with self.engine.connect() as conn:
+            return [b for (b,) in await conn.execute(q)]
+
+    async def commit_part(self, owner: str, part: PartCommit, now: float, ttl: float) -> bool:
+        """Record one checkpoint, fenced by (owner, generation). False: the lease is lost and
+        the caller must drop these results (their blobs are orphans, never read)."""
+        lines = part.out_lines + part.err_lines
+        values: dict[str, Any] = {"done_lines": chunks.c.done_lines + lines}
+        if part.chunk_done:
+            values.update(state="done", lease_owner=None, lease_expires_at=None)
+        else:
+            values.update(lease_expires_at=now + ttl)
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                update(chunks)
+                .where(
+                    chunks.c.batch_id == part.batch_id,
+                    chunks.c.idx == part.chunk_idx,
+                    chunks.c.lease_owner == owner,
+                    chunks.c.generation == part.generation,
+                    chunks.c.state == "leased",
+                )
+                .values(**values)
+            )
+            if res.rowcount != 1:
+                return False
+            if lines:
+                await self._insert_part(conn, part)
+                it, ct, ot, rt, tt = part.usage
+                await conn.execute(
+                    update(batches)
+                    .where(batches.c.id == part.batch_id)
+                    .values(
+                        completed=batches.c.completed + part.completed,
+                        failed=batches.c.failed + part.failed,
+                        input_tokens=batches.c.input_tokens + it,
+                        cached_tokens=batches.c.cached_tokens + ct,
+                        output_tokens=batches.c.output_tokens + ot,
+                        reasoning_tokens=batches.c.reasoning_tokens + rt,
+                        total_tokens=batches.c.total_tokens + tt,
+                    )
+                )
+        return True
+
+    async def release_chunk(self, owner: str, batch_id: str, idx: int, generation: int) -> None:
+        """Give a chunk back (cancel, expiry, shutdown) so the finalizer or another worker
+        can take it at once instead of waiting for the lease to run out."""
+        q = (
+            update(chunks)
+            .where(
+                chunks.c.batch_id == batch_id,
+                chunks.c.idx == idx,
+                chunks.c.lease_owner == owner,
+                chunks.c.generation == generation,
+                chunks.c.state == "leased",
+            )
+            .values(state="pending", lease_owner=None, lease_expires_at=None)
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(q)
+
+    async def input_blob_key(self, batch_id: str) -> str:
+        """The input file's blob, also after the file was deleted (its bytes outlive the
+        row's visibility until the batch ends)."""
+        q = select(files.c.blob_key).join(batches, batches.c.input_file_id == files.c.id).where(
+            batches.c.id == batch_id
+        )
+        async with self.engine.connect() as conn:
+            return str((await conn.execute(q)).scalar_one())
+
+    async def chunk_plan(self, batch_id: str) -> list[Row]:
+        q = select(chunks).where(chunks.c.batch_id == batch_id).order_by(chunks.c.idx)
+        async with self.engine.connect() as conn:
+            return [_row(r) for r in await conn.execute(q)]
+
+    # -------------------------------------------------------------------------- finalize
+
+    async def parts(self, batch_id: str) -> list[Row]:
+        q = (
+            select(result_parts)
+            .where(result_parts.c.batch_id == batch_id)
+            .order_by(result_parts.c.chunk_idx, result_parts.c.id)
+        )
+        async with self.engine.connect() as conn:
+            return [_row(r) for r in await conn.execute(q)]
+
+    async def finish_batch(
+        self,
+        batch_id: str,
+        owner: str,
+        *,
+        status: str,
+        stamps: dict[str, int],
+        tail: PartCommit | None,
+        output_file: Row | None,
+        error_file: Row | None,
+    ) -> bool:
+        """The one transaction that ends a batch: tail part, result files, terminal status."""
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    batches.c.job_owner == owner,
+                    batches.c.status.in_(ACTIVE_STATUSES),
+                )
+                .values(
+                    status=status,
+                    output_file_id=output_file["id"] if output_file else None,
+                    error_file_id=error_file["id"] if error_file else None,
+                    job_owner=None,
+                    job_expires_at=None,
+                    **stamps,
+                )
+            )
+            if res.rowcount != 1:
+                return False
+            if tail is not None:
+                await self._insert_part(conn, tail)
+            for f in (output_file, error_file):
+                if f is not None:
+                    await conn.execute(insert(files).values(**f))
+        return True
+
+    async def set_status(self, batch_id: str, owner: str, status: str, stamps: dict[str, int]) -> None:
+        q = (
+            update(batches)
+            .where(batches.c.id == batch_id, batches.c.job_owner == owner)
+            .values(status=status, **stamps)
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(q)
+
+    async def view_parts(self, batch_id: str, stream: str) -> list[tuple[str, int]]:
+        """The blobs of a result file, in order."""
+        key, size = (
+            (result_parts.c.out_key, result_parts.c.out_bytes)
+            if stream == "output"
+            else (result_parts.c.err_key, result_parts.c.err_bytes)
+        )
+        q = (
+            select(key, size)
+            .where(result_parts.c.batch_id == batch_id, key.is_not(None))
+            .order_by(result_parts.c.chunk_idx, result_parts.c.id)
+        )
+        async with self.engine.connect() as conn:
+            return [(k, n) for k, n in await conn.execute(q)]
+
+    # --------------------------------------------------------------------------- helpers
+
+    @staticmethod
+    async def _insert_part(conn: AsyncConnection, part: PartCommit) -> None:
+        await conn.execute(
+            insert(result_parts).values(
+                batch_id=part.batch_id,
+                chunk_idx=part.chunk_idx,
+                generation=part.generation,
+                out_key=part.out_key,
+                out_bytes=part.out_bytes,
+                out_lines=part.out_lines,
+                err_key=part.err_key,
+                err_bytes=part.err_bytes,
+                err_lines=part.err_lines,
+                done_bitmap=part.done_bitmap,
+            )
+        )
+
+    @staticmethod
+    async def _seq_of(conn: AsyncConnection, table: Any, project: str, obj_id: str) -> int | None:
+        q = select(table.c.seq).where(table.c.id == obj_id, table.c.project == project)
+        return (await conn.execute(q)).scalar()

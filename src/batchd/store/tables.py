@@ -1,0 +1,123 @@
+"""The one MetaData: every table batchd keeps, for SQLite and PostgreSQL alike.
+
+Each row with a public id also has an integer ``seq``: list pages are ordered and cut by it,
+so ``after=<id>`` cursors stay stable when many rows share a ``created_at`` second.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for large tables.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+files = Table(
+    "files",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("project", String(128), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger),
+    # Uploaded files own one blob; result files are views over a batch's result parts.
+    Column("blob_key", Text),
+    Column("sha256", String(64)),
+    Column("batch_id", String(64)),
+    Column("stream", String(8)),
+    Column("deleted_at", BigInteger),
+)
+Index("ix_files_project_seq", files.c.project, files.c.seq)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("project", String(128), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("model", Text),
+    Column("input_file_id", String(64), nullable=False),
+    Column("completion_window", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("output_file_id", String(64)),
+    Column("error_file_id", String(64)),
+    Column("errors", Text),
+    Column("metadata", Text),
+    Column("output_expires_seconds", BigInteger),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("in_progress_at", BigInteger),
+    Column("finalizing_at", BigInteger),
+    Column("completed_at", BigInteger),
+    Column("failed_at", BigInteger),
+    Column("expired_at", BigInteger),
+    Column("cancelling_at", BigInteger),
+    Column("cancelled_at", BigInteger),
+    Column("total", BigInteger, nullable=False, default=0),
+    Column("completed", BigInteger, nullable=False, default=0),
+    Column("failed", BigInteger, nullable=False, default=0),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    Column("total_tokens", BigInteger, nullable=False, default=0),
+    Column("chunk_count", Integer, nullable=False, default=0),
+    # Validation and finalization are leased like chunks, so one worker does each.
+    Column("job_owner", String(64)),
+    Column("job_expires_at", Float),
+)
+Index("ix_batches_project_seq", batches.c.project, batches.c.seq)
+Index("ix_batches_status", batches.c.status)
+
+chunks = Table(
+    "chunks",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("first_line", BigInteger, nullable=False),
+    Column("line_count", Integer, nullable=False),
+    Column("byte_start", BigInteger, nullable=False),
+    Column("byte_end", BigInteger, nullable=False),
+    # pending -> leased -> done; a leased chunk whose lease ran out is pending again.
+    Column("state", String(8), nullable=False),
+    Column("lease_owner", String(64)),
+    Column("lease_expires_at", Float),
+    Column("generation", Integer, nullable=False, default=0),
+    Column("done_lines", Integer, nullable=False, default=0),
+    Column("expires_at", BigInteger, nullable=False),
+)
+Index("ix_chunks_state_expires", chunks.c.state, chunks.c.expires_at)
+
+result_parts = Table(
+    "result_parts",
+    metadata,
+    Column("id", SeqType, primary_key=True, autoincrement=True),
+    Column("batch_id", String(64), nullable=False),
+    Column("chunk_idx", Integer, nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("out_key", Text),
+    Column("out_bytes", BigInteger, nullable=False, default=0),
+    Column("out_lines", Integer, nullable=False, default=0),
+    Column("err_key", Text),
+    Column("err_bytes", BigInteger, nullable=False, default=0),
+    Column("err_lines", Integer, nullable=False, default=0),
+    # One bit per line of the chunk: which lines this part holds a result for.
+    Column("done_bitmap", LargeBinary, nullable=False),
+)
+Index("ix_result_parts_batch_chunk", result_parts.c.batch_id, result_parts.c.chunk_idx)

@@ -1,0 +1,1 @@
+"""How a request reaches a model: the seam (``base``) and its HTTP implementation."""
