@@ -1,0 +1,139 @@
+"""Output lines in OpenAI's shape, and the send chain against a MockUpstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import orjson
+
+from batchd.engine.dispatch import SendPolicy, send_line
+from batchd.engine.results import error_result, http_result, usage_of
+from batchd.upstreams.base import MockUpstream, UpstreamError, UpstreamResponse, UpstreamTimeout
+from tests.support import assert_schema
+
+
+def test_success_line_shape() -> None:
+    body = {"id": "x", "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+    r = http_result("c1", UpstreamResponse(200, orjson.dumps(body), {"x-request-id": "req_up"}))
+    obj = json.loads(r.line)
+    assert r.ok and r.line.endswith(b"\n") and r.usage == (3, 0, 4, 0, 7)
+    assert obj["response"] == {"status_code": 200, "request_id": "req_up", "body": body}
+    assert obj["error"] is None and obj["id"].startswith("batch_req_")
+    assert_schema("BatchRequestOutput", obj)
+
+
+def test_http_error_and_garbage_bodies() -> None:
+    err = http_result("c2", UpstreamResponse(400, b'{"error": {"message": "bad"}}'))
+    obj = json.loads(err.line)
+    assert not err.ok and err.http_error and obj["response"]["status_code"] == 400 and obj["error"] is None
+    assert obj["response"]["request_id"].startswith("req_")
+    garbage = json.loads(http_result("c3", UpstreamResponse(200, b"<html>")).line)
+    assert garbage["response"]["status_code"] == 502
+    assert garbage["response"]["body"]["error"]["code"] == "invalid_upstream_response"
+    for o in (obj, garbage):
+        assert_schema("BatchRequestOutput", o)
+
+
+def test_non_http_error_line() -> None:
+    obj = json.loads(error_result("c4", "batch_expired").line)
+    assert obj["response"] is None and obj["error"]["code"] == "batch_expired" and obj["error"]["message"]
+    assert_schema("BatchRequestOutput", obj)
+
+
+def test_usage_of_responses_api_names() -> None:
+    body = {
+        "usage": {
+            "input_tokens": 5,
+            "input_tokens_details": {"cached_tokens": 2},
+            "output_tokens": 6,
+            "output_tokens_details": {"reasoning_tokens": 1},
+            "total_tokens": 11,
+        }
+    }
+    assert usage_of(body) == (5, 2, 6, 1, 11)
+    assert usage_of({"usage": "nonsense"}) == (0, 0, 0, 0, 0)
+    assert usage_of({"usage": {"prompt_tokens": True}}) == (0, 0, 0, 0, 0)
+
+
+POLICY = SendPolicy(request_timeout=5, max_attempts=4)
+
+
+def _run(handler, deadline: float = 60, stopping=lambda: False):  # type: ignore[no-untyped-def]
+    calls = []
+
+    async def counted(path: str, body: bytes) -> UpstreamResponse:
+        calls.append(path)
+        return await handler(len(calls))
+
+    async def go():  # type: ignore[no-untyped-def]
+        return await send_line(
+            MockUpstream(counted), "/chat/completions", "cid", b"{}",
+            deadline=time.time() + deadline, policy=POLICY, stopping=stopping,
+        )
+
+    return asyncio.run(go()), len(calls)
+
+
+def test_retries_until_success_honouring_retry_after() -> None:
+    async def handler(n: int) -> UpstreamResponse:
+        if n == 1:
+            return UpstreamResponse(429, b"{}", {"retry-after-ms": "10"})
+        if n == 2:
+            return UpstreamResponse(503, b"{}", {"retry-after": "0"})
+        return UpstreamResponse(200, b'{"ok": true}')
+
+    result, calls = _run(handler)
+    assert result is not None and result.ok and calls == 3
+
+
+def test_client_error_is_not_retried() -> None:
+    async def handler(n: int) -> UpstreamResponse:
+        return UpstreamResponse(400, b'{"error": {"message": "no"}}')
+
+    result, calls = _run(handler)
+    assert result is not None and not result.ok and calls == 1
+
+
+def test_unreachable_upstream_exhausts_attempts() -> None:
+    async def handler(n: int) -> UpstreamResponse:
+        if n % 2:
+            raise UpstreamError("connection refused")
+        raise UpstreamTimeout("slow")
+
+    async def fast_handler(n: int) -> UpstreamResponse:
+        return await handler(n)
+
+    policy_calls = []
+
+    async def go():  # type: ignore[no-untyped-def]
+        async def h(path: str, body: bytes) -> UpstreamResponse:
+            policy_calls.append(1)
+            return await fast_handler(len(policy_calls))
+
+        return await send_line(
+            MockUpstream(h), "/x", "cid", b"{}", deadline=time.time() + 60,
+            policy=SendPolicy(request_timeout=5, max_attempts=2), stopping=lambda: False,
+        )
+
+    result = asyncio.run(go())
+    assert result is not None and len(policy_calls) == 2
+    obj = json.loads(result.line)
+    assert obj["response"] is None and obj["error"]["code"] == "request_timeout"
+
+
+def test_deadline_leaves_the_line_unfinished() -> None:
+    async def handler(n: int) -> UpstreamResponse:
+        return UpstreamResponse(500, b"{}", {"retry-after": "30"})
+
+    result, calls = _run(handler, deadline=5)
+    assert result is None and calls == 1
+
+
+def test_stopping_batch_abandons_retries() -> None:
+    async def handler(n: int) -> UpstreamResponse:
+        return UpstreamResponse(503, b"{}")
+
+    result, calls = _run(handler, stopping=lambda: True)
+    assert result is None and calls == 1
