@@ -156,7 +156,9 @@ class Server:
         return self.proc.returncode
 
 
-def request_line(i: int | str, *, url: str = "/v1/chat/completions", model: str = "fake-model", **body: Any) -> dict[str, Any]:
+def request_line(
+    i: int | str, *, url: str = "/v1/chat/completions", model: str = "fake-model", **body: Any
+) -> dict[str, Any]:
     if url == "/v1/embeddings":
         payload: dict[str, Any] = {"model": model, "input": f"text {i}"}
     elif url == "/v1/completions":

@@ -20,23 +20,30 @@ def _settings(**given: Any) -> Any:
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Address to bind [env BATCHD_HOST; default 127.0.0.1]")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind [env BATCHD_HOST; default 127.0.0.1]")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Port [env BATCHD_PORT; default 8080]")] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="SQLite file and blobs live here [env BATCHD_DATA_DIR; default ./batchd-data]")
+        Path | None,
+        typer.Option(help="SQLite file and blobs live here [env BATCHD_DATA_DIR; default ./batchd-data]"),
     ] = None,
     upstream: Annotated[
         str | None,
-        typer.Option(help="OpenAI-compatible base URL [env BATCHD_UPSTREAM_URL; default http://127.0.0.1:8000/v1]"),
+        typer.Option(
+            help="OpenAI-compatible base URL [env BATCHD_UPSTREAM_URL; default http://127.0.0.1:8000/v1]"
+        ),
     ] = None,
     upstream_api_key: Annotated[
         str | None, typer.Option(help="Bearer key for the upstream [env BATCHD_UPSTREAM_API_KEY]")
     ] = None,
     completion_windows: Annotated[
-        str | None, typer.Option(help="Allowed completion windows, e.g. 24h,1h,90s [env BATCHD_COMPLETION_WINDOWS]")
+        str | None,
+        typer.Option(help="Allowed completion windows, e.g. 24h,1h,90s [env BATCHD_COMPLETION_WINDOWS]"),
     ] = None,
     upstream_concurrency: Annotated[
-        int | None, typer.Option(help="Most requests in flight to the upstream [env BATCHD_UPSTREAM_CONCURRENCY; 64]")
+        int | None,
+        typer.Option(help="Most requests in flight to the upstream [env BATCHD_UPSTREAM_CONCURRENCY; 64]"),
     ] = None,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Serve the API only; run no worker")] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",

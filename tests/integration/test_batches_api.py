@@ -17,7 +17,9 @@ from tests.support import Server, jsonl, read_results, request_line, wait_termin
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"]
 
 
-def _submit(client: openai.OpenAI, lines: list[Any], endpoint: str = "/v1/chat/completions", **kw: Any) -> Any:
+def _submit(
+    client: openai.OpenAI, lines: list[Any], endpoint: str = "/v1/chat/completions", **kw: Any
+) -> Any:
     f = client.files.create(file=("batch.jsonl", jsonl(lines)), purpose="batch")
     return client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h", **kw)  # type: ignore[arg-type]
 
@@ -65,7 +67,9 @@ def test_lifecycle_chat(server: Server, fake_upstream: FakeUpstreamHandle) -> No
 @pytest.mark.parametrize("endpoint", ENDPOINTS[1:])
 def test_every_endpoint(server: Server, endpoint: str) -> None:
     client = server.client()
-    done = wait_terminal(client, _submit(client, [request_line(i, url=endpoint) for i in range(5)], endpoint).id)
+    done = wait_terminal(
+        client, _submit(client, [request_line(i, url=endpoint) for i in range(5)], endpoint).id
+    )
     assert done.status == "completed" and done.request_counts.completed == 5
     out, err = read_results(client, done)
     assert len(out) == 5 and err == []
@@ -110,25 +114,74 @@ def test_create_errors(server: Server) -> None:
     client = server.client()
     f = client.files.create(file=("b.jsonl", jsonl([request_line(1)])), purpose="batch")
     with pytest.raises(openai.BadRequestError) as missing:
-        client.post("/batches", body={"endpoint": "/v1/chat/completions", "completion_window": "24h"}, cast_to=Batch)
+        client.post(
+            "/batches", body={"endpoint": "/v1/chat/completions", "completion_window": "24h"}, cast_to=Batch
+        )
     assert missing.value.param == "input_file_id" and missing.value.code == "missing_required_parameter"
     assert missing.value.body["message"] == "Missing required parameter: 'input_file_id'."  # type: ignore[index]
     cases: list[tuple[dict[str, Any], type[Exception], str | None, str | None]] = [
-        ({"input_file_id": f.id, "endpoint": "/v1/images/edits", "completion_window": "24h"},
-         openai.BadRequestError, "endpoint", "invalid_value"),
-        ({"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "7d"},
-         openai.BadRequestError, "completion_window", "invalid_value"),
-        ({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": "24h"},
-         openai.NotFoundError, "input_file_id", None),
-        ({"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h",
-          "metadata": {f"k{i}": "v" for i in range(17)}}, openai.BadRequestError, "metadata", "invalid_value"),
-        ({"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h",
-          "metadata": {"k": "v" * 513}}, openai.BadRequestError, "metadata", "invalid_value"),
-        ({"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h",
-          "metadata": {"k": 5}}, openai.BadRequestError, "metadata.k", "invalid_type"),
-        ({"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h",
-          "output_expires_after": {"anchor": "created_at", "seconds": 5}}, openai.BadRequestError,
-         "output_expires_after.seconds", "invalid_value"),
+        (
+            {"input_file_id": f.id, "endpoint": "/v1/images/edits", "completion_window": "24h"},
+            openai.BadRequestError,
+            "endpoint",
+            "invalid_value",
+        ),
+        (
+            {"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "7d"},
+            openai.BadRequestError,
+            "completion_window",
+            "invalid_value",
+        ),
+        (
+            {"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+            openai.NotFoundError,
+            "input_file_id",
+            None,
+        ),
+        (
+            {
+                "input_file_id": f.id,
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+                "metadata": {f"k{i}": "v" for i in range(17)},
+            },
+            openai.BadRequestError,
+            "metadata",
+            "invalid_value",
+        ),
+        (
+            {
+                "input_file_id": f.id,
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+                "metadata": {"k": "v" * 513},
+            },
+            openai.BadRequestError,
+            "metadata",
+            "invalid_value",
+        ),
+        (
+            {
+                "input_file_id": f.id,
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+                "metadata": {"k": 5},
+            },
+            openai.BadRequestError,
+            "metadata.k",
+            "invalid_type",
+        ),
+        (
+            {
+                "input_file_id": f.id,
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+                "output_expires_after": {"anchor": "created_at", "seconds": 5},
+            },
+            openai.BadRequestError,
+            "output_expires_after.seconds",
+            "invalid_value",
+        ),
     ]
     for params, exc_type, param, code in cases:
         with pytest.raises(exc_type) as exc:
@@ -137,7 +190,9 @@ def test_create_errors(server: Server) -> None:
         assert exc.value.code == code, (params, exc.value.body)  # type: ignore[attr-defined]
     user_file = client.files.create(file=b"x", purpose="user_data")
     with pytest.raises(openai.BadRequestError) as exc2:
-        client.batches.create(input_file_id=user_file.id, endpoint="/v1/chat/completions", completion_window="24h")
+        client.batches.create(
+            input_file_id=user_file.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
     assert exc2.value.param == "input_file_id"
     assert client.batches.list().data == []
 
@@ -164,12 +219,32 @@ def test_unknown_batch_is_404(server: Server) -> None:
 VALIDATION_CASES: list[tuple[str, str, str | None]] = [
     ("{not json", "invalid_json_line", None),
     ("[1, 2]", "invalid_json_line", None),
-    (json.dumps({"method": "POST", "url": "/v1/chat/completions", "body": {}}), "missing_required_parameter", "custom_id"),
-    (json.dumps({"custom_id": "a", "url": "/v1/chat/completions", "body": {}}), "missing_required_parameter", "method"),
+    (
+        json.dumps({"method": "POST", "url": "/v1/chat/completions", "body": {}}),
+        "missing_required_parameter",
+        "custom_id",
+    ),
+    (
+        json.dumps({"custom_id": "a", "url": "/v1/chat/completions", "body": {}}),
+        "missing_required_parameter",
+        "method",
+    ),
     (json.dumps({"custom_id": "b", "method": "POST", "body": {}}), "missing_required_parameter", "url"),
-    (json.dumps({"custom_id": "c", "method": "POST", "url": "/v1/chat/completions"}), "missing_required_parameter", "body"),
-    (json.dumps({"custom_id": 7, "method": "POST", "url": "/v1/chat/completions", "body": {}}), "invalid_type", "custom_id"),
-    (json.dumps({"custom_id": "d", "method": "POST", "url": "/v1/chat/completions", "body": "x"}), "invalid_type", "body"),
+    (
+        json.dumps({"custom_id": "c", "method": "POST", "url": "/v1/chat/completions"}),
+        "missing_required_parameter",
+        "body",
+    ),
+    (
+        json.dumps({"custom_id": 7, "method": "POST", "url": "/v1/chat/completions", "body": {}}),
+        "invalid_type",
+        "custom_id",
+    ),
+    (
+        json.dumps({"custom_id": "d", "method": "POST", "url": "/v1/chat/completions", "body": "x"}),
+        "invalid_type",
+        "body",
+    ),
     (json.dumps(request_line(1)), "duplicate_custom_id", "custom_id"),
     (json.dumps({**request_line("e"), "url": "/v1/embeddings"}), "url_mismatch", "url"),
     (json.dumps({**request_line("f"), "method": "GET"}), "invalid_method", "method"),
@@ -178,7 +253,9 @@ VALIDATION_CASES: list[tuple[str, str, str | None]] = [
 ]
 
 
-def test_validation_reports_every_error_with_its_line(server: Server, fake_upstream: FakeUpstreamHandle) -> None:
+def test_validation_reports_every_error_with_its_line(
+    server: Server, fake_upstream: FakeUpstreamHandle
+) -> None:
     client = server.client()
     text = json.dumps(request_line(1)) + "\n" + "\n".join(raw for raw, _, _ in VALIDATION_CASES) + "\n"
     f = client.files.create(file=("bad.jsonl", text.encode()), purpose="batch")

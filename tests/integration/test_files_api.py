@@ -66,7 +66,7 @@ def test_bad_purpose_and_missing_fields(server: Server) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
         client.files.create(file=("a.jsonl", b"x"), purpose="nonsense")  # type: ignore[arg-type]
     assert exc.value.param == "purpose" and exc.value.code == "invalid_value"
-    body = b"--XX\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--XX--\r\n"
+    body = b'--XX\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--XX--\r\n'
     req = urllib.request.Request(
         server.base_url + "/files",
         data=body,
@@ -84,9 +84,9 @@ def test_bad_purpose_and_missing_fields(server: Server) -> None:
 def test_file_part_before_purpose_is_accepted(server: Server) -> None:
     """Clients other than the SDK may send the file first; it is still checked."""
     body = (
-        b"--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jsonl\"\r\n"
-        b"Content-Type: application/octet-stream\r\n\r\n{\"a\": 1}\n\r\n"
-        b"--XX\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--XX--\r\n"
+        b'--XX\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n'
+        b'Content-Type: application/octet-stream\r\n\r\n{"a": 1}\n\r\n'
+        b'--XX\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--XX--\r\n'
     )
     req = urllib.request.Request(
         server.base_url + "/files",
@@ -129,7 +129,10 @@ def test_unknown_route_and_bad_json_use_the_envelope(server: Server) -> None:
     body = json.loads(exc.value.read())
     assert exc.value.code == 404 and set(body["error"]) == {"message", "type", "param", "code"}
     req = urllib.request.Request(
-        server.base_url + "/batches", data=b"{not json", headers={"Content-Type": "application/json"}, method="POST"
+        server.base_url + "/batches",
+        data=b"{not json",
+        headers={"Content-Type": "application/json"},
+        method="POST",
     )
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(req)

@@ -34,17 +34,23 @@ from batchd.testing import (
 )
 
 REQ_ID = re.compile(r"^req_[0-9a-f]{32}$")
-CHAT: dict[str, Any] = {"model": "gpt-test", "messages": [{"role": "system", "content": "be brief"},
-                                          {"role": "user", "content": "hello there"}]}
+CHAT: dict[str, Any] = {
+    "model": "gpt-test",
+    "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],
+}
 
 
-def call(url: str, body: Any = None, *, raw: bytes | None = None,
-         method: str | None = None) -> tuple[int, Any, Any]:
+def call(
+    url: str, body: Any = None, *, raw: bytes | None = None, method: str | None = None
+) -> tuple[int, Any, Any]:
     """(status, headers, parsed JSON) for one request; HTTP errors are returned too."""
     data = raw if raw is not None else (None if body is None else orjson.dumps(body))
-    req = urllib.request.Request(url, data=data, method=method or ("GET" if data is None
-                                                                    else "POST"),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method=method or ("GET" if data is None else "POST"),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.headers, orjson.loads(r.read())
@@ -100,8 +106,11 @@ def test_chat_completion_shape_and_determinism(fu: FakeUpstreamHandle) -> None:
 
 
 def test_chat_content_parts_truncation_and_long_input(fu: FakeUpstreamHandle) -> None:
-    body = {"model": "m", "max_tokens": 3, "messages": [
-        {"role": "user", "content": [{"type": "text", "text": "x" * 500}]}]}
+    body = {
+        "model": "m",
+        "max_tokens": 3,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 500}]}],
+    }
     status, _, r = call(f"{fu.base_url}/chat/completions", body)
     assert status == 200
     assert r["choices"][0]["finish_reason"] == "length"
@@ -116,18 +125,23 @@ def test_completions_and_responses_shapes(fu: FakeUpstreamHandle) -> None:
     status, _, r = call(f"{fu.base_url}/completions", body)
     assert status == 200 and r["object"] == "text_completion" and r["id"].startswith("cmpl-")
     assert r["choices"][0]["text"] == expected_content(body, "/v1/completions")
-    assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + \
-        r["usage"]["completion_tokens"]
+    assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
 
-    body = {"model": "gpt-resp", "instructions": "x",
-            "input": [{"role": "user", "content": [{"type": "input_text", "text": "q?"}]}]}
+    body = {
+        "model": "gpt-resp",
+        "instructions": "x",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "q?"}]}],
+    }
     status, _, r = call(f"{fu.base_url}/responses", body)
     assert status == 200 and r["object"] == "response" and r["status"] == "completed"
     assert r["id"].startswith("resp_") and r["model"] == "gpt-resp"
     (item,) = r["output"]
     assert item["type"] == "message" and item["role"] == "assistant"
-    assert item["content"][0] == {"type": "output_text", "annotations": [],
-                                  "text": expected_content(body, "responses")}
+    assert item["content"][0] == {
+        "type": "output_text",
+        "annotations": [],
+        "text": expected_content(body, "responses"),
+    }
     assert item["content"][0]["text"] == FAKE_PREFIX + "q?"
     u = r["usage"]
     assert u["total_tokens"] == u["input_tokens"] + u["output_tokens"]
@@ -146,8 +160,7 @@ def test_embeddings_moderations_models_health(fu: FakeUpstreamHandle) -> None:
     assert r["usage"]["prompt_tokens"] == r["usage"]["total_tokens"] > 0
     _, _, one = call(f"{fu.base_url}/embeddings", {"model": "emb", "input": "a"})
     assert one["data"][0]["embedding"] == fake_embedding("a")
-    _, _, b64 = call(f"{fu.base_url}/embeddings",
-                     {"model": "emb", "input": "a", "encoding_format": "base64"})
+    _, _, b64 = call(f"{fu.base_url}/embeddings", {"model": "emb", "input": "a", "encoding_format": "base64"})
     vec = struct.unpack("<8f", base64.b64decode(b64["data"][0]["embedding"]))
     assert vec == pytest.approx(fake_embedding("a"), abs=1e-6)
 
@@ -220,17 +233,17 @@ def test_rpm_limit_answers_429_with_retry_after(fu: FakeUpstreamHandle) -> None:
 
 def test_failure_rate_is_honoured_and_reproducible_with_seed() -> None:
     def statuses(h: FakeUpstreamHandle) -> list[int]:
-        return [call(f"{h.base_url}/embeddings", {"model": "e", "input": str(i)})[0]
-                for i in range(200)]
+        return [call(f"{h.base_url}/embeddings", {"model": "e", "input": str(i)})[0] for i in range(200)]
 
-    with FakeUpstream.start_in_thread(seed=7, failure_rate=0.3) as h1, \
-            FakeUpstream.start_in_thread(seed=7, failure_rate=0.3) as h2:
+    with (
+        FakeUpstream.start_in_thread(seed=7, failure_rate=0.3) as h1,
+        FakeUpstream.start_in_thread(seed=7, failure_rate=0.3) as h2,
+    ):
         first = statuses(h1)
         assert first == statuses(h2)
         assert set(first) == {200, 500} and 35 <= first.count(500) <= 85
         h1.configure(failure_rate=1.0, failure_status=503)
-        assert_error(*call(f"{h1.base_url}/embeddings", {"model": "e", "input": "x"}),
-                     503, "fake_failure")
+        assert_error(*call(f"{h1.base_url}/embeddings", {"model": "e", "input": "x"}), 503, "fake_failure")
 
 
 def test_outage_answers_503_until_it_ends(fu: FakeUpstreamHandle) -> None:
@@ -247,8 +260,10 @@ def test_max_concurrency_rejects_with_429(fu: FakeUpstreamHandle) -> None:
     fu.configure(max_concurrency=2)
     slow = {**CHAT, "fake_latency": 1.0}
     results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(
-        call(f"{fu.base_url}/chat/completions", slow)[0])) for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: results.append(call(f"{fu.base_url}/chat/completions", slow)[0]))
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     wait_for(lambda: fu.stats()["in_flight"] == 2)
@@ -317,12 +332,14 @@ def test_async_context_manager() -> None:
     async def main() -> None:
         async with FakeUpstream(latency=0.0) as server, aiohttp.ClientSession() as s:
             assert re.match(r"^http://127\.0\.0\.1:\d+/v1$", server.base_url)
-            rs = await asyncio.gather(*(s.post(f"{server.base_url}/chat/completions",
-                                               json=CHAT) for _ in range(20)))
+            rs = await asyncio.gather(
+                *(s.post(f"{server.base_url}/chat/completions", json=CHAT) for _ in range(20))
+            )
             for r in rs:
                 assert r.status == 200
-                assert (await r.json())["choices"][0]["message"]["content"] == \
-                    expected_content(CHAT, "chat/completions")
+                assert (await r.json())["choices"][0]["message"]["content"] == expected_content(
+                    CHAT, "chat/completions"
+                )
             assert server.stats()["repeated_bodies"] == 19
 
     asyncio.run(main())
@@ -331,8 +348,9 @@ def test_async_context_manager() -> None:
 def test_run_fake_upstream_prints_url_and_stops_on_sigterm() -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(batchd.__file__).parents[1])}
     code = "from batchd.testing import run_fake_upstream; run_fake_upstream(port=0)"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

@@ -69,8 +69,13 @@ def _run(handler, deadline: float = 60, stopping=lambda: False):  # type: ignore
 
     async def go():  # type: ignore[no-untyped-def]
         return await send_line(
-            MockUpstream(counted), "/chat/completions", "cid", b"{}",
-            deadline=time.time() + deadline, policy=POLICY, stopping=stopping,
+            MockUpstream(counted),
+            "/chat/completions",
+            "cid",
+            b"{}",
+            deadline=time.time() + deadline,
+            policy=POLICY,
+            stopping=stopping,
         )
 
     return asyncio.run(go()), len(calls)
@@ -113,8 +118,13 @@ def test_unreachable_upstream_exhausts_attempts() -> None:
             return await fast_handler(len(policy_calls))
 
         return await send_line(
-            MockUpstream(h), "/x", "cid", b"{}", deadline=time.time() + 60,
-            policy=SendPolicy(request_timeout=5, max_attempts=2), stopping=lambda: False,
+            MockUpstream(h),
+            "/x",
+            "cid",
+            b"{}",
+            deadline=time.time() + 60,
+            policy=SendPolicy(request_timeout=5, max_attempts=2),
+            stopping=lambda: False,
         )
 
     result = asyncio.run(go())

@@ -26,10 +26,17 @@ from batchd.engine.retry import GiveUp, Retry, decide, is_retryable, parse_retry
         (500, 12, None, 1000.0, Retry(30.0)),  # capped backoff
     ],
 )
-def test_decide(status: int | None, attempt: int, retry_after: float | None, deadline: float, expected: object) -> None:
+def test_decide(
+    status: int | None, attempt: int, retry_after: float | None, deadline: float, expected: object
+) -> None:
     got = decide(
-        status=status, attempt=attempt, max_attempts=15 if attempt != 20 else 20, retry_after=retry_after,
-        now=100.0, deadline=deadline, jitter=0.5,
+        status=status,
+        attempt=attempt,
+        max_attempts=15 if attempt != 20 else 20,
+        retry_after=retry_after,
+        now=100.0,
+        deadline=deadline,
+        jitter=0.5,
     )
     assert got == expected
 
@@ -57,6 +64,11 @@ def test_parse_retry_after_forms() -> None:
 
 def test_retryable_statuses() -> None:
     assert [s for s in (200, 400, 401, 408, 409, 429, 500, 502, 503, 504) if is_retryable(s)] == [
-        408, 429, 500, 502, 503, 504,
+        408,
+        429,
+        500,
+        502,
+        503,
+        504,
     ]
     assert is_retryable(None)

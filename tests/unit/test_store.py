@@ -28,7 +28,9 @@ def test_migrations_match_the_tables(tmp_path: Path) -> None:
         store = Store.open(url)
         try:
             async with store.engine.connect() as conn:
-                return await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata))
+                return await conn.run_sync(
+                    lambda c: compare_metadata(MigrationContext.configure(c), metadata)
+                )
         finally:
             await store.close()
 
@@ -37,30 +39,75 @@ def test_migrations_match_the_tables(tmp_path: Path) -> None:
 
 async def _seed(store: Store, chunks: int = 2, expires_at: int = 2_000_000_000) -> None:
     await store.insert_file(
-        id="file-1", project="p", filename="f.jsonl", purpose="batch", bytes=1, created_at=1,
-        expires_at=None, blob_key="files/file-1", sha256=None, batch_id=None, stream=None,
+        id="file-1",
+        project="p",
+        filename="f.jsonl",
+        purpose="batch",
+        bytes=1,
+        created_at=1,
+        expires_at=None,
+        blob_key="files/file-1",
+        sha256=None,
+        batch_id=None,
+        stream=None,
     )
     await store.insert_batch(
-        id="batch_1", project="p", endpoint="/v1/chat/completions", model=None, input_file_id="file-1",
-        completion_window="24h", status="validating", metadata=None, output_expires_seconds=None,
-        created_at=1, expires_at=expires_at, total=0, completed=0, failed=0, input_tokens=0,
-        cached_tokens=0, output_tokens=0, reasoning_tokens=0, total_tokens=0, chunk_count=0,
+        id="batch_1",
+        project="p",
+        endpoint="/v1/chat/completions",
+        model=None,
+        input_file_id="file-1",
+        completion_window="24h",
+        status="validating",
+        metadata=None,
+        output_expires_seconds=None,
+        created_at=1,
+        expires_at=expires_at,
+        total=0,
+        completed=0,
+        failed=0,
+        input_tokens=0,
+        cached_tokens=0,
+        output_tokens=0,
+        reasoning_tokens=0,
+        total_tokens=0,
+        chunk_count=0,
     )
     job = await store.claim_validation("v", 100.0, 30)
     assert job is not None and job["id"] == "batch_1"
     assert await store.claim_validation("other", 100.0, 30) is None  # leased
     rows = [
-        {"batch_id": "batch_1", "idx": i, "first_line": 1 + 4 * i, "line_count": 4, "byte_start": 0, "byte_end": 1}
+        {
+            "batch_id": "batch_1",
+            "idx": i,
+            "first_line": 1 + 4 * i,
+            "line_count": 4,
+            "byte_start": 0,
+            "byte_end": 1,
+        }
         for i in range(chunks)
     ]
-    assert await store.start_batch("batch_1", "v", model="m", total=4 * chunks, chunk_rows=rows, expires_at=expires_at, now=2)
+    assert await store.start_batch(
+        "batch_1", "v", model="m", total=4 * chunks, chunk_rows=rows, expires_at=expires_at, now=2
+    )
 
 
 def _part(gen: int, idx: int = 0, bits: int = 0b0011, done: bool = False) -> PartCommit:
     return PartCommit(
-        batch_id="batch_1", chunk_idx=idx, generation=gen, out_key="k", out_bytes=10, out_lines=2,
-        err_key=None, err_bytes=0, err_lines=0, done_bitmap=bits.to_bytes(1, "little"),
-        completed=2, failed=0, usage=(1, 0, 2, 0, 3), chunk_done=done,
+        batch_id="batch_1",
+        chunk_idx=idx,
+        generation=gen,
+        out_key="k",
+        out_bytes=10,
+        out_lines=2,
+        err_key=None,
+        err_bytes=0,
+        err_lines=0,
+        done_bitmap=bits.to_bytes(1, "little"),
+        completed=2,
+        failed=0,
+        usage=(1, 0, 2, 0, 3),
+        chunk_done=done,
     )
 
 

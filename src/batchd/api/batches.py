@@ -37,7 +37,9 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
             )
         if len(value) > MAX_VALUE:
             raise InvalidRequest(
-                f"metadata values may be at most {MAX_VALUE} characters.", param="metadata", code="invalid_value"
+                f"metadata values may be at most {MAX_VALUE} characters.",
+                param="metadata",
+                code="invalid_value",
             )
 
 
@@ -112,7 +114,9 @@ async def list_batches(
 ) -> p.BatchList:
     page = await store.list_batches(project, limit=limit, after=after)
     if page is None:
-        raise InvalidRequest(f"No such Batch object for 'after': {after}", param="after", code="invalid_value")
+        raise InvalidRequest(
+            f"No such Batch object for 'after': {after}", param="after", code="invalid_value"
+        )
     rows, has_more = page
     data = [batch_object(r) for r in rows]
     return p.BatchList(
@@ -131,6 +135,8 @@ async def cancel_batch(batch_id: str, store: StoreDep, project: ProjectDep) -> p
     if row["status"] not in ("cancelling", "cancelled"):
         # Final: a 400, never a 409 (the SDK retries 409 twice).
         raise InvalidRequest(
-            f"Cannot cancel a batch with status '{row['status']}'.", param="batch_id", code="batch_not_cancellable"
+            f"Cannot cancel a batch with status '{row['status']}'.",
+            param="batch_id",
+            code="batch_not_cancellable",
         )
     return batch_object(row)

@@ -29,9 +29,7 @@ def translate_validation(exc: RequestValidationError) -> BatchdError:
     if first.get("type") == "missing" and param:
         return MissingParameter(param)
     if first.get("type") == "json_invalid" or param is None:
-        return InvalidRequest(
-            "We could not parse the JSON body of your request.", code="invalid_json"
-        )
+        return InvalidRequest("We could not parse the JSON body of your request.", code="invalid_json")
     kind = "invalid_type" if str(first.get("type", "")).endswith("_type") else "invalid_value"
     return InvalidRequest(f"Invalid '{param}': {first.get('msg', 'invalid value')}.", param=param, code=kind)
 

@@ -72,49 +72,68 @@ async def _discard(blobs: BlobStore, writer: BlobWriter) -> None:
         await blobs.delete(writer.key)
 
 
-async def _receive(
-    request: Request, blobs: BlobStore, key: str, max_bytes: int
-) -> tuple[dict[str, str], BlobWriter, str]:
-    """Stream the multipart body: small fields into a dict, the file part into storage."""
-    fields: dict[str, str] = {}
-    writer: BlobWriter | None = None
-    filename = "upload"
-    part: PartStart | None = None
-    buf = bytearray()
-    try:
-        async for kind, payload in iter_multipart(request):
-            if kind == "start":
-                part, buf = payload, bytearray()
-                if part.name == "file":
-                    if writer is not None:
-                        raise InvalidRequest("Send exactly one 'file' part.", param="file")
-                    filename = part.filename or "upload"
-                    if "purpose" in fields:
-                        _check_filename(_check_purpose(fields), filename)
-                    writer = blobs.writer(key)
-            elif kind == "data" and part is not None and part.name == "file" and writer is not None:
-                await writer.write(payload)
-                if writer.size > max_bytes:
-                    raise PayloadTooLarge(
-                        f"The file is larger than {max_bytes} bytes, the most this server takes "
-                        "(setting BATCHD_MAX_FILE_BYTES).",
-                        param="file",
-                        code="file_too_large",
-                    )
-            elif kind == "data":
-                buf += payload
-                if len(buf) > MAX_FIELD_BYTES:
-                    raise InvalidRequest("A form field is too large.", param=part.name if part else None)
-            elif kind == "end" and part is not None and part.name != "file":
-                fields[part.name] = buf.decode("utf-8", "replace")
-        if writer is None:
-            raise MissingParameter("file")
-        await writer.close()
-    except BaseException:
-        if writer is not None:
-            await _discard(blobs, writer)
-        raise
-    return fields, writer, filename
+def too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The file is larger than {max_bytes} bytes, the most this server takes "
+        "(setting BATCHD_MAX_FILE_BYTES).",
+        param="file",
+        code="file_too_large",
+    )
+
+
+class _Upload:
+    """Receives one multipart body: small fields into a dict, the file part into storage."""
+
+    def __init__(self, blobs: BlobStore, key: str, max_bytes: int):
+        self.blobs, self.key, self.max_bytes = blobs, key, max_bytes
+        self.fields: dict[str, str] = {}
+        self.writer: BlobWriter | None = None
+        self.filename = "upload"
+        self._part: PartStart | None = None
+        self._buf = bytearray()
+
+    def start(self, part: PartStart) -> None:
+        self._part, self._buf = part, bytearray()
+        if part.name != "file":
+            return
+        if self.writer is not None:
+            raise InvalidRequest("Send exactly one 'file' part.", param="file")
+        self.filename = part.filename or "upload"
+        if "purpose" in self.fields:
+            _check_filename(_check_purpose(self.fields), self.filename)
+        self.writer = self.blobs.writer(self.key)
+
+    async def data(self, payload: bytes) -> None:
+        if self._part is not None and self._part.name == "file" and self.writer is not None:
+            await self.writer.write(payload)
+            if self.writer.size > self.max_bytes:
+                raise too_large(self.max_bytes)
+            return
+        self._buf += payload
+        if len(self._buf) > MAX_FIELD_BYTES:
+            raise InvalidRequest("A form field is too large.", param=self._part.name if self._part else None)
+
+    def end(self) -> None:
+        if self._part is not None and self._part.name != "file":
+            self.fields[self._part.name] = self._buf.decode("utf-8", "replace")
+
+    async def receive(self, request: Request) -> BlobWriter:
+        try:
+            async for kind, payload in iter_multipart(request):
+                if kind == "start":
+                    self.start(payload)
+                elif kind == "data":
+                    await self.data(payload)
+                else:
+                    self.end()
+            if self.writer is None:
+                raise MissingParameter("file")
+            await self.writer.close()
+        except BaseException:
+            if self.writer is not None:
+                await _discard(self.blobs, self.writer)
+            raise
+        return self.writer
 
 
 @router.post("/files", response_model=p.FileObject)
@@ -123,15 +142,12 @@ async def create_file(
 ) -> p.FileObject:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > settings.max_file_bytes + MAX_FIELD_BYTES:
-        raise PayloadTooLarge(
-            f"The upload is larger than {settings.max_file_bytes} bytes, the most this server takes "
-            "(setting BATCHD_MAX_FILE_BYTES).",
-            param="file",
-            code="file_too_large",
-        )
+        raise too_large(settings.max_file_bytes)
     fid = file_id()
     key = f"files/{fid}"
-    fields, writer, filename = await _receive(request, blobs, key, settings.max_file_bytes)
+    upload = _Upload(blobs, key, settings.max_file_bytes)
+    writer = await upload.receive(request)
+    fields, filename = upload.fields, upload.filename
     now = int(time.time())
     try:
         purpose = _check_purpose(fields)
@@ -227,5 +243,3 @@ async def _stream(blobs: BlobStore, pieces: list[tuple[str, int]]) -> AsyncItera
 
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:200] or "file"
-
-

@@ -40,9 +40,7 @@ def batch_object(row: dict[str, Any]) -> p.Batch:
         expired_at=row["expired_at"],
         cancelling_at=row["cancelling_at"],
         cancelled_at=row["cancelled_at"],
-        request_counts=p.RequestCounts(
-            total=row["total"], completed=row["completed"], failed=row["failed"]
-        ),
+        request_counts=p.RequestCounts(total=row["total"], completed=row["completed"], failed=row["failed"]),
         usage=p.BatchUsage(
             input_tokens=row["input_tokens"],
             input_tokens_details=p.InputTokensDetails(cached_tokens=row["cached_tokens"]),

@@ -77,7 +77,7 @@ class BlobStore:
         if start or end is not None:
             options["range"] = (start, end) if end is not None else {"offset": start}
         try:
-            result = await obstore.get_async(self.inner, key, options=options or None)
+            result = await obstore.get_async(self.inner, key, options=options or None)  # type: ignore[arg-type]
         except NotFoundError as exc:
             raise StorageError(f"missing object {key}") from exc
         async for piece in result.stream(min_chunk_size=READ_CHUNK):

@@ -113,7 +113,9 @@ class ChunkRun:
             self.completed = self.failed = 0
             self.usage = [0, 0, 0, 0, 0]
             try:
-                ok = await self._commit(store, blobs, owner, out, err, pending, counts, usage, chunk_done, ttl)
+                ok = await self._commit(
+                    store, blobs, owner, out, err, pending, counts, usage, chunk_done, ttl
+                )
             except BaseException:
                 # Keep the results for the next checkpoint rather than losing them.
                 self.out, self.err = out + self.out, err + self.err

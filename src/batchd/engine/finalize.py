@@ -67,7 +67,9 @@ async def finalize_batch(store: Store, blobs: BlobStore, batch_id: str, owner: s
     )
     if done:
         log.info(
-            "batch %s", status, extra={"batch_id": batch_id, "action": "finalize", "elapsed": end - batch["created_at"]}
+            "batch %s",
+            status,
+            extra={"batch_id": batch_id, "action": "finalize", "elapsed": end - batch["created_at"]},
         )
     return done
 

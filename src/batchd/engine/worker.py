@@ -195,9 +195,7 @@ class Worker:
             run.check_settled()
 
     async def _finish_chunk(self, run: ChunkRun) -> None:
-        await run.checkpoint(
-            self.store, self.blobs, self.owner, final=True, ttl=self.settings.lease_seconds
-        )
+        await run.checkpoint(self.store, self.blobs, self.owner, final=True, ttl=self.settings.lease_seconds)
         if not run.lost and (run.done != (1 << run.lines) - 1):
             await self.store.release_chunk(self.owner, run.batch.id, run.chunk["idx"], run.generation)
 

@@ -73,7 +73,9 @@ class LineChecker:
             self.error("invalid_value", "'custom_id' must not be empty.", n, "custom_id")
             ok = False
         elif cid in self.seen:
-            self.error("duplicate_custom_id", f"The custom_id '{cid[:200]}' appears more than once.", n, "custom_id")
+            self.error(
+                "duplicate_custom_id", f"The custom_id '{cid[:200]}' appears more than once.", n, "custom_id"
+            )
             ok = False
         else:
             self.seen.add(cid)
@@ -89,7 +91,12 @@ class LineChecker:
             )
             ok = False
         if body.get("stream") is True:
-            self.error("stream_not_supported", "Streaming ('stream': true) is not supported in a batch.", n, "body.stream")
+            self.error(
+                "stream_not_supported",
+                "Streaming ('stream': true) is not supported in a batch.",
+                n,
+                "body.stream",
+            )
             ok = False
         return self._check_model(n, body.get("model")) and ok
 

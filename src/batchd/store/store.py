@@ -94,9 +94,7 @@ class Store:
         """Hide the file at once; its bytes go when no running batch reads them (``purge``)."""
         q = (
             update(files)
-            .where(
-                files.c.id == file_id, files.c.project == project, files.c.deleted_at.is_(None)
-            )
+            .where(files.c.id == file_id, files.c.project == project, files.c.deleted_at.is_(None))
             .values(deleted_at=now)
         )
         async with self.engine.begin() as conn:
@@ -234,7 +232,7 @@ class Store:
             .order_by(batches.c.seq)
             .limit(limit * 20)
         )
-        out = []
+        out: list[Row] = []
         async with self.engine.connect() as conn:
             for bid, status, expires_at, n_open, n_live in await conn.execute(q):
                 ending = status in ("finalizing", "cancelling", "validating") or expires_at <= now
@@ -259,9 +257,7 @@ class Store:
         async with self.engine.begin() as conn:
             return (await conn.execute(q)).rowcount == 1
 
-    async def _claim_job(
-        self, cond: Any, owner: str, now: float, ttl: float, order: Any
-    ) -> Row | None:
+    async def _claim_job(self, cond: Any, owner: str, now: float, ttl: float, order: Any) -> Row | None:
         pick = select(batches.c.id).where(cond).order_by(order).limit(1)
         if self.is_postgres:
             pick = pick.with_for_update(skip_locked=True)
@@ -323,9 +319,7 @@ class Store:
             )
         return True
 
-    async def fail_batch(
-        self, batch_id: str, owner: str, *, errors_json: str, total: int, now: int
-    ) -> bool:
+    async def fail_batch(self, batch_id: str, owner: str, *, errors_json: str, total: int, now: int) -> bool:
         q = (
             update(batches)
             .where(
@@ -469,8 +463,10 @@ class Store:
     async def input_blob_key(self, batch_id: str) -> str:
         """The input file's blob, also after the file was deleted (its bytes outlive the
         row's visibility until the batch ends)."""
-        q = select(files.c.blob_key).join(batches, batches.c.input_file_id == files.c.id).where(
-            batches.c.id == batch_id
+        q = (
+            select(files.c.blob_key)
+            .join(batches, batches.c.input_file_id == files.c.id)
+            .where(batches.c.id == batch_id)
         )
         async with self.engine.connect() as conn:
             return str((await conn.execute(q)).scalar_one())

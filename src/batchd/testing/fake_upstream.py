@@ -53,21 +53,45 @@ import orjson
 from aiohttp import web
 
 __all__ = [
-    "FakeUpstream", "FakeUpstreamHandle", "run_fake_upstream", "expected_content",
-    "estimate_tokens", "fake_embedding", "body_digest", "FAKE_PREFIX",
+    "FakeUpstream",
+    "FakeUpstreamHandle",
+    "run_fake_upstream",
+    "expected_content",
+    "estimate_tokens",
+    "fake_embedding",
+    "body_digest",
+    "FAKE_PREFIX",
 ]
 
 FAKE_PREFIX = "[batchd FakeUpstream, not a model] echo: "
 MODELS = ("fake-model", "gpt-4o-mini", "text-embedding-3-small", "omni-moderation-latest")
 _JSON = "application/json"
-_CONFIG_KEYS = frozenset({
-    "latency", "failure_rate", "failure_status", "rpm", "burst_seconds", "seed",
-    "outage_until", "max_concurrency",
-})
+_CONFIG_KEYS = frozenset(
+    {
+        "latency",
+        "failure_rate",
+        "failure_status",
+        "rpm",
+        "burst_seconds",
+        "seed",
+        "outage_until",
+        "max_concurrency",
+    }
+)
 _MOD_CATEGORIES = (
-    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",
-    "illicit/violent", "self-harm", "self-harm/intent", "self-harm/instructions", "sexual",
-    "sexual/minors", "violence", "violence/graphic",
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
 )
 # Shared, never mutated: every moderation result is identical.
 _MOD_RESULT = {
@@ -106,8 +130,7 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(p["text"] for p in content
-                        if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return ""
 
 
@@ -176,15 +199,27 @@ def expected_content(body: dict[str, Any], path: str) -> str:
 def _chat(body: dict[str, Any], model: str, digest: str) -> dict[str, Any]:
     text, p, c, trunc = _generate(body, "chat/completions")
     return {
-        "id": f"chatcmpl-{_hex()}", "object": "chat.completion", "created": int(time.time()),
+        "id": f"chatcmpl-{_hex()}",
+        "object": "chat.completion",
+        "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
-                                             "refusal": None, "annotations": []},
-                     "logprobs": None, "finish_reason": "length" if trunc else "stop"}],
-        "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-                  "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-                  "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0}},
-        "service_tier": "default", "system_fingerprint": "fp_batchd_fake",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+                "logprobs": None,
+                "finish_reason": "length" if trunc else "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        },
+        "service_tier": "default",
+        "system_fingerprint": "fp_batchd_fake",
     }
 
 
@@ -192,7 +227,9 @@ def _completion(body: dict[str, Any], model: str, digest: str) -> dict[str, Any]
     text, p, c, trunc = _generate(body, "completions")
     fr = "length" if trunc else "stop"
     return {
-        "id": f"cmpl-{_hex()}", "object": "text_completion", "created": int(time.time()),
+        "id": f"cmpl-{_hex()}",
+        "object": "text_completion",
+        "created": int(time.time()),
         "model": model,
         "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": fr}],
         "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
@@ -202,18 +239,32 @@ def _completion(body: dict[str, Any], model: str, digest: str) -> dict[str, Any]
 def _response(body: dict[str, Any], model: str, digest: str) -> dict[str, Any]:
     text, p, c, trunc = _generate(body, "responses")
     return {
-        "id": f"resp_{_hex(32)}", "object": "response", "created_at": int(time.time()),
-        "status": "incomplete" if trunc else "completed", "error": None,
+        "id": f"resp_{_hex(32)}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "incomplete" if trunc else "completed",
+        "error": None,
         "incomplete_details": {"reason": "max_output_tokens"} if trunc else None,
-        "instructions": body.get("instructions"), "model": model,
+        "instructions": body.get("instructions"),
+        "model": model,
         "max_output_tokens": body.get("max_output_tokens"),
         # Item id derived from the body so that ``output`` is fully deterministic.
-        "output": [{"type": "message", "id": f"msg_{digest[:32]}", "status": "completed",
-                    "role": "assistant",
-                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
-        "usage": {"input_tokens": p, "input_tokens_details": {"cached_tokens": 0},
-                  "output_tokens": c, "output_tokens_details": {"reasoning_tokens": 0},
-                  "total_tokens": p + c},
+        "output": [
+            {
+                "type": "message",
+                "id": f"msg_{digest[:32]}",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "usage": {
+            "input_tokens": p,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": c,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": p + c,
+        },
     }
 
 
@@ -238,14 +289,17 @@ def _embeddings(body: dict[str, Any], model: str, digest: str) -> dict[str, Any]
             vec = base64.b64encode(struct.pack("<8f", *vec)).decode()
         data.append({"object": "embedding", "index": i, "embedding": vec})
     tokens = sum(estimate_tokens(t) for t in texts)
-    return {"object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def _moderations(body: dict[str, Any], model: str, digest: str) -> dict[str, Any]:
     n = len(_inputs(body.get("input")))
-    return {"id": f"modr-{_hex()}", "model": model or "omni-moderation-latest",
-            "results": [_MOD_RESULT] * n}
+    return {"id": f"modr-{_hex()}", "model": model or "omni-moderation-latest", "results": [_MOD_RESULT] * n}
 
 
 _BUILDERS: dict[str, tuple[Callable[[dict[str, Any], str, str], dict[str, Any]], str]] = {
@@ -273,10 +327,20 @@ class FakeUpstream:
     :meth:`start_in_thread` from sync code, or :func:`run_fake_upstream` from the CLI.
     Methods are not thread-safe: from other threads go through the handle."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0,
-                 failure_rate: float = 0.0, failure_status: int = 500,
-                 rpm: int | None = None, burst_seconds: float = 1.0, seed: int | None = None,
-                 outage_until: float = 0.0, max_concurrency: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency: float = 0.0,
+        failure_rate: float = 0.0,
+        failure_status: int = 500,
+        rpm: int | None = None,
+        burst_seconds: float = 1.0,
+        seed: int | None = None,
+        outage_until: float = 0.0,
+        max_concurrency: int | None = None,
+    ) -> None:
         self.host, self.port = host, port
         self.latency, self.failure_rate, self.failure_status = 0.0, 0.0, 500
         self.rpm: int | None = None
@@ -286,9 +350,15 @@ class FakeUpstream:
         self._tokens, self._last_refill = 0.0, time.monotonic()
         self._runner: web.AppRunner | None = None
         self._in_flight = 0
-        self.configure(latency=latency, failure_rate=failure_rate, rpm=rpm,
-                       failure_status=failure_status, burst_seconds=burst_seconds,
-                       outage_until=outage_until, max_concurrency=max_concurrency)
+        self.configure(
+            latency=latency,
+            failure_rate=failure_rate,
+            rpm=rpm,
+            failure_status=failure_status,
+            burst_seconds=burst_seconds,
+            outage_until=outage_until,
+            max_concurrency=max_concurrency,
+        )
         self.reset_stats()
 
     # -- configuration and counters
@@ -327,10 +397,15 @@ class FakeUpstream:
         self._attempts: dict[bytes, int] = {}
 
     def stats(self) -> dict[str, Any]:
-        return {"requests": self._requests, "by_status": dict(self._by_status),
-                "by_path": dict(self._by_path), "in_flight": self._in_flight,
-                "max_in_flight": self._max_in_flight, "distinct_bodies": len(self._success),
-                "repeated_bodies": self._repeated}
+        return {
+            "requests": self._requests,
+            "by_status": dict(self._by_status),
+            "by_path": dict(self._by_path),
+            "in_flight": self._in_flight,
+            "max_in_flight": self._max_in_flight,
+            "distinct_bodies": len(self._success),
+            "repeated_bodies": self._repeated,
+        }
 
     def success_by_digest(self) -> dict[str, int]:
         """{hex sha1 of raw body: number of 200 answers} for bodies answered 200."""
@@ -409,16 +484,25 @@ class FakeUpstream:
         return FakeUpstreamHandle(fu, loop, thread)
 
     # -- request handling
-    def _reply(self, status: int, payload: Any, rid: str,
-               extra: dict[str, str] | None = None) -> web.Response:
+    def _reply(
+        self, status: int, payload: Any, rid: str, extra: dict[str, str] | None = None
+    ) -> web.Response:
         headers = {"Content-Type": _JSON, "x-request-id": rid}
         if extra:
             headers.update(extra)
         body = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS)  # by_status keys
         return web.Response(status=status, body=body, headers=headers)
 
-    def _error(self, status: int, rid: str, message: str, type_: str, code: str | None = None,
-               param: str | None = None, extra: dict[str, str] | None = None) -> web.Response:
+    def _error(
+        self,
+        status: int,
+        rid: str,
+        message: str,
+        type_: str,
+        code: str | None = None,
+        param: str | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> web.Response:
         err = {"error": {"message": message, "type": type_, "param": param, "code": code}}
         return self._reply(status, err, rid, extra)
 
@@ -434,9 +518,11 @@ class FakeUpstream:
         if ok:
             tokens -= 1.0
         self._tokens = tokens
-        headers = {"x-ratelimit-limit-requests": str(self.rpm),
-                   "x-ratelimit-remaining-requests": str(int(tokens)),
-                   "x-ratelimit-reset-requests": _fmt_duration((cap - tokens) / rate)}
+        headers = {
+            "x-ratelimit-limit-requests": str(self.rpm),
+            "x-ratelimit-remaining-requests": str(int(tokens)),
+            "x-ratelimit-reset-requests": _fmt_duration((cap - tokens) / rate),
+        }
         if not ok:
             wait = (1.0 - tokens) / rate
             headers["retry-after"] = str(max(1, math.ceil(wait)))
@@ -457,27 +543,44 @@ class FakeUpstream:
             if resp.status == 200 and ep != "models":  # .get: reset_stats() may have run
                 self._success[digest] = self._success.get(digest, 0) + 1
             return resp
+
         return handler
 
-    async def _gate(self, request: web.Request, ep: str, raw: bytes,
-                    digest: bytes) -> web.Response:
+    async def _gate(self, request: web.Request, ep: str, raw: bytes, digest: bytes) -> web.Response:
         """Outage, concurrency and rate limits: cheap rejections before any parsing."""
         rid, now = f"req_{_hex(32)}", time.monotonic()
         if now < self.outage_until:
             wait = str(max(1, math.ceil(self.outage_until - now)))
-            return self._error(503, rid, "The server is temporarily unavailable (fake outage).",
-                               "server_error", "service_unavailable", extra={"retry-after": wait})
+            return self._error(
+                503,
+                rid,
+                "The server is temporarily unavailable (fake outage).",
+                "server_error",
+                "service_unavailable",
+                extra={"retry-after": wait},
+            )
         mc = self.max_concurrency
         if mc is not None and self._in_flight >= mc:
-            return self._error(429, rid, f"Too many concurrent requests (limit {mc}).",
-                               "requests", "rate_limit_exceeded", extra={"retry-after": "1"})
+            return self._error(
+                429,
+                rid,
+                f"Too many concurrent requests (limit {mc}).",
+                "requests",
+                "rate_limit_exceeded",
+                extra={"retry-after": "1"},
+            )
         rl: dict[str, str] | None = None
         if self.rpm is not None:
             ok, rl = self._take_token(now)
             if not ok:
-                return self._error(429, rid, f"Rate limit reached: limit {self.rpm} requests "
-                                   "per minute. Please try again later.", "requests",
-                                   "rate_limit_exceeded", extra=rl)
+                return self._error(
+                    429,
+                    rid,
+                    f"Rate limit reached: limit {self.rpm} requests per minute. Please try again later.",
+                    "requests",
+                    "rate_limit_exceeded",
+                    extra=rl,
+                )
         self._in_flight += 1
         self._max_in_flight = max(self._max_in_flight, self._in_flight)
         try:
@@ -485,57 +588,84 @@ class FakeUpstream:
         finally:
             self._in_flight -= 1
 
-    async def _serve(self, ep: str, raw: bytes, digest: bytes, rid: str,
-                     rl: dict[str, str] | None) -> web.Response:
+    async def _serve(
+        self, ep: str, raw: bytes, digest: bytes, rid: str, rl: dict[str, str] | None
+    ) -> web.Response:
         if ep == "models":
-            data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "batchd"}
-                    for m in MODELS]
+            data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "batchd"} for m in MODELS]
             return self._reply(200, {"object": "list", "data": data}, rid, rl)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             body = None
         if not isinstance(body, dict):
-            return self._error(400, rid, "We could not parse the JSON body of your request: "
-                               "expected a JSON object.", "invalid_request_error", extra=rl)
+            return self._error(
+                400,
+                rid,
+                "We could not parse the JSON body of your request: expected a JSON object.",
+                "invalid_request_error",
+                extra=rl,
+            )
         builder, required = _BUILDERS[ep]
         for field in ("model", required) if ep != "moderations" else (required,):
             if field and body.get(field) is None:
-                return self._error(400, rid, f"Missing required parameter: '{field}'.",
-                                   "invalid_request_error", "missing_required_parameter",
-                                   field, rl)
+                return self._error(
+                    400,
+                    rid,
+                    f"Missing required parameter: '{field}'.",
+                    "invalid_request_error",
+                    "missing_required_parameter",
+                    field,
+                    rl,
+                )
         delay = self.latency + _num(body.get("fake_latency"))
         if delay > 0:
             await asyncio.sleep(delay)
         failure = self._injected_failure(body, digest, rid, rl)
         if failure is not None:
             return failure
-        return self._reply(200, builder(body, str(body.get("model") or ""), digest.hex()),
-                           rid, rl)
+        return self._reply(200, builder(body, str(body.get("model") or ""), digest.hex()), rid, rl)
 
-    def _injected_failure(self, body: dict[str, Any], digest: bytes, rid: str,
-                          rl: dict[str, str] | None) -> web.Response | None:
+    def _injected_failure(
+        self, body: dict[str, Any], digest: bytes, rid: str, rl: dict[str, str] | None
+    ) -> web.Response | None:
         status = body.get("fake_status")
         if isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599:
-            return self._error(status, rid, f"Fake error requested (fake_status={status}).",
-                               "invalid_request_error", "fake_error", extra=rl)
+            return self._error(
+                status,
+                rid,
+                f"Fake error requested (fake_status={status}).",
+                "invalid_request_error",
+                "fake_error",
+                extra=rl,
+            )
         fail_times = body.get("fake_fail_times")
         if isinstance(fail_times, int) and fail_times > 0:
             n = self._attempts[digest] = self._attempts.get(digest, 0) + 1
             if n <= fail_times:
-                return self._error(500, rid, f"Fake failure {n} of {fail_times} for this body.",
-                                   "server_error", "fake_fail_times", extra=rl)
+                return self._error(
+                    500,
+                    rid,
+                    f"Fake failure {n} of {fail_times} for this body.",
+                    "server_error",
+                    "fake_fail_times",
+                    extra=rl,
+                )
         if self.failure_rate > 0 and self._rng.random() < self.failure_rate:
-            return self._error(self.failure_status, rid, "The server had an error while "
-                               "processing your request (fake failure_rate).",
-                               "server_error", "fake_failure", extra=rl)
+            return self._error(
+                self.failure_status,
+                rid,
+                "The server had an error while processing your request (fake failure_rate).",
+                "server_error",
+                "fake_failure",
+                extra=rl,
+            )
         return None
 
     # -- control endpoints (never counted, never faulted)
     async def _health(self, request: web.Request) -> web.Response:
         down = time.monotonic() < self.outage_until
-        return self._reply(503 if down else 200, {"status": "outage" if down else "ok"},
-                           f"req_{_hex(32)}")
+        return self._reply(503 if down else 200, {"status": "outage" if down else "ok"}, f"req_{_hex(32)}")
 
     async def _ctl_stats(self, request: web.Request) -> web.Response:
         out = self.stats()
@@ -563,8 +693,13 @@ class FakeUpstream:
         return self._reply(200, {"ok": True}, f"req_{_hex(32)}")
 
     async def _not_found(self, request: web.Request) -> web.Response:
-        return self._error(404, f"req_{_hex(32)}", f"Invalid URL ({request.method} "
-                           f"{request.path})", "invalid_request_error", "unknown_url")
+        return self._error(
+            404,
+            f"req_{_hex(32)}",
+            f"Invalid URL ({request.method} {request.path})",
+            "invalid_request_error",
+            "unknown_url",
+        )
 
 
 def _num(v: Any) -> float:
@@ -575,6 +710,7 @@ def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
     if use_uvloop:
         try:
             import uvloop
+
             return uvloop.new_event_loop()
         except ImportError:
             pass
@@ -585,14 +721,14 @@ class FakeUpstreamHandle:
     """Thread-safe remote control of a :class:`FakeUpstream` running in its own thread:
     every call is marshalled onto the server's loop, so the hot path needs no locks."""
 
-    def __init__(self, fu: FakeUpstream, loop: asyncio.AbstractEventLoop,
-                 thread: threading.Thread) -> None:
+    def __init__(self, fu: FakeUpstream, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
         self.server, self._loop, self._thread = fu, loop, thread
         self.url, self.base_url = fu.url, fu.base_url
 
     def _call(self, fn: Callable[..., _T], *args: Any, **kw: Any) -> _T:
         async def call() -> _T:
             return fn(*args, **kw)
+
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout=30)
 
     def stats(self) -> dict[str, Any]:
@@ -625,10 +761,12 @@ class FakeUpstreamHandle:
         self.stop()
 
 
-def run_fake_upstream(host: str = "127.0.0.1", port: int = 8000, *, use_uvloop: bool = True,
-                      **kw: Any) -> None:
+def run_fake_upstream(
+    host: str = "127.0.0.1", port: int = 8000, *, use_uvloop: bool = True, **kw: Any
+) -> None:
     """Blocking entry point for ``batchd fake-upstream``: prints its URL, runs until
     SIGINT/SIGTERM, then shuts down cleanly."""
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

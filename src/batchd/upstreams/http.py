@@ -6,8 +6,6 @@ httpx managed a few hundred.
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
 from batchd.upstreams.base import UpstreamError, UpstreamResponse, UpstreamTimeout
@@ -41,7 +39,7 @@ class HttpUpstream:
                 data = await resp.read()
                 headers = {h: resp.headers[h] for h in _KEEP_HEADERS if h in resp.headers}
                 return UpstreamResponse(resp.status, data, headers)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(f"no answer within {timeout:.1f}s") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(str(exc) or type(exc).__name__) from exc
