@@ -13,9 +13,17 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="batchd: an O
 
 def _settings(**given: Any) -> Any:
     """Settings from the environment, overridden by the options given on the command line."""
+    from pydantic import ValidationError
+
     from batchd.config import Settings
 
-    return Settings(**{k: v for k, v in given.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"])
+            typer.echo(f"batchd: invalid setting {name} (BATCHD_{name.upper()}): {err['msg']}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command()
@@ -49,9 +57,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Run the HTTP API with an in-process worker (SQLite + local directory by default)."""
-    import uvicorn
-
-    from batchd.api.app import create_app
+    from batchd.serving import run_server
 
     settings = _settings(
         host=host,
@@ -64,14 +70,7 @@ def serve(
         run_worker=False if no_worker else None,
     )
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
+    run_server(settings, log_level)
 
 
 @app.command()

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     checkpoint_interval: float = Field(0.5, gt=0)
     lease_seconds: float = Field(30.0, gt=0)
     poll_interval: float = Field(0.2, gt=0)
+    shutdown_grace: float = Field(30.0, ge=0)
 
     # Input limits.
     max_file_bytes: int = Field(10 * 1024**3, ge=1)

@@ -9,7 +9,6 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchd import __version__
@@ -77,7 +76,6 @@ def create_app(settings: Settings) -> FastAPI:
         title="batchd",
         version=__version__,
         summary="A self-hosted, OpenAI-compatible Batch API.",
-        default_response_class=ORJSONResponse,
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -6,7 +6,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batchd.errors import BatchdError, InvalidRequest, MissingParameter
@@ -14,11 +14,11 @@ from batchd.errors import BatchdError, InvalidRequest, MissingParameter
 log = logging.getLogger(__name__)
 
 
-def _render(request: Request, exc: BatchdError) -> ORJSONResponse:
+def _render(request: Request, exc: BatchdError) -> JSONResponse:
     headers = {"x-request-id": getattr(request.state, "request_id", "")}
     if exc.status_code == 409:
         headers["x-should-retry"] = "false"
-    return ORJSONResponse(exc.envelope(), status_code=exc.status_code, headers=headers)
+    return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=headers)
 
 
 def translate_validation(exc: RequestValidationError) -> BatchdError:
@@ -36,15 +36,15 @@ def translate_validation(exc: RequestValidationError) -> BatchdError:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(BatchdError)
-    async def batchd_error(request: Request, exc: BatchdError) -> ORJSONResponse:
+    async def batchd_error(request: Request, exc: BatchdError) -> JSONResponse:
         return _render(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _render(request, translate_validation(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = BatchdError(str(exc.detail))
         err.status_code = exc.status_code
         err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
@@ -54,6 +54,6 @@ def install(app: FastAPI) -> None:
         return _render(request, err)
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _render(request, BatchdError("The server had an error while processing your request."))

@@ -94,10 +94,10 @@ class Worker:
         if self.runs:
             await asyncio.wait(
                 [asyncio.create_task(r.settled.wait()) for r in self.runs.values()],
-                timeout=self.settings.request_timeout,
+                timeout=self.settings.shutdown_grace,
             )
         if self.jobs:
-            await asyncio.wait(self.jobs, timeout=self.settings.lease_seconds)
+            await asyncio.wait(self.jobs, timeout=self.settings.shutdown_grace)
 
     # ------------------------------------------------------------------ main loop
 
