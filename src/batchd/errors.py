@@ -68,3 +68,7 @@ class StorageError(BatchdError):
     status_code = 503
     type = "server_error"
     code = "storage_unavailable"
+
+
+class BlobMissing(StorageError):
+    """The object is not in the store: no retry will bring it back."""

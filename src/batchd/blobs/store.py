@@ -15,7 +15,7 @@ import obstore
 from obstore.exceptions import NotFoundError
 from obstore.store import LocalStore
 
-from batchd.errors import StorageError
+from batchd.errors import BlobMissing, StorageError
 
 READ_CHUNK = 1024 * 1024
 
@@ -69,7 +69,7 @@ class BlobStore:
         try:
             return bytes(await obstore.get_range_async(self.inner, key, start=start, end=end))
         except NotFoundError as exc:
-            raise StorageError(f"missing object {key}") from exc
+            raise BlobMissing(f"missing object {key}") from exc
 
     async def stream(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Yield the object's bytes in ~1 MiB pieces, from ``start`` to ``end``."""
@@ -79,7 +79,7 @@ class BlobStore:
         try:
             result = await obstore.get_async(self.inner, key, options=options or None)  # type: ignore[arg-type]
         except NotFoundError as exc:
-            raise StorageError(f"missing object {key}") from exc
+            raise BlobMissing(f"missing object {key}") from exc
         async for piece in result.stream(min_chunk_size=READ_CHUNK):
             yield bytes(piece)
 

@@ -11,7 +11,8 @@ import orjson
 
 from batchd.blobs import BlobStore
 from batchd.config import Settings
-from batchd.ingest.validate import validate_file
+from batchd.errors import BlobMissing
+from batchd.ingest.validate import Plan, validate_file
 from batchd.store import Store
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,17 @@ async def validate_next(store: Store, blobs: BlobStore, settings: Settings, owne
             chunk_lines=settings.chunk_lines,
             max_lines=settings.max_lines_per_batch,
             max_errors=settings.max_validation_errors,
+        )
+    except BlobMissing:
+        plan = Plan(
+            errors=[
+                {
+                    "code": "input_file_missing",
+                    "message": "The input file's bytes are gone.",
+                    "param": "input_file_id",
+                    "line": None,
+                }
+            ]
         )
     finally:
         renew.cancel()
