@@ -15,6 +15,8 @@ from batchd import __version__
 from batchd.api import batches, errors, files
 from batchd.blobs import BlobStore
 from batchd.config import Settings
+from batchd.engine.identity import WorkerIdentity
+from batchd.engine.journal import JournalDir
 from batchd.engine.worker import Worker
 from batchd.ids import request_id
 from batchd.store import Store
@@ -57,7 +59,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     blobs = BlobStore.local(settings.blob_dir)
     upstream = HttpUpstream(settings.upstream_url, settings.upstream_api_key, settings.upstream_concurrency)
     app.state.store, app.state.blobs = store, blobs
-    worker = Worker(settings, store, blobs, upstream) if settings.run_worker else None
+    worker = None
+    if settings.run_worker:
+        identity = WorkerIdentity.claim(settings.data_dir)
+        journals = JournalDir(settings.data_dir / "journal" / identity.owner)
+        worker = Worker(settings, store, blobs, upstream, identity=identity, journals=journals)
     task = asyncio.create_task(worker.run()) if worker else None
     log.info("batchd ready", extra={"action": "start"})
     try:
@@ -67,6 +73,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             worker.stop.set()
             worker.wake.set()
             await task
+            worker.identity.release()
         await upstream.aclose()
         await store.close()
 

@@ -9,10 +9,12 @@ lines that will be sent again, never a duplicate line.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from dataclasses import dataclass, field
 
 from batchd.blobs import BlobStore
+from batchd.engine.journal import Journal
 from batchd.engine.results import LineResult
 from batchd.store import Store
 from batchd.store.store import PartCommit, Row
@@ -51,6 +53,7 @@ class ChunkRun:
     stopping: bool = False
     lost: bool = False
     part_seq: int = 0
+    journal: Journal | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -79,6 +82,8 @@ class ChunkRun:
     def record(self, idx: int, result: LineResult | None) -> None:
         self.outstanding -= 1
         if result is not None:
+            if self.journal is not None:
+                self.journal.append(idx, result)
             self.pending |= 1 << idx
             if result.ok:
                 self.out.append(result.line)
@@ -90,6 +95,12 @@ class ChunkRun:
                 if result.http_error:
                     self.failed += 1
         self.check_settled()
+
+    def close_journal(self) -> None:
+        """The chunk is finished, released or lost: its journal has nothing left to recover."""
+        if self.journal is not None:
+            self.journal.close(remove=True)
+            self.journal = None
 
     def check_settled(self) -> None:
         if self.feeding_done and self.outstanding == 0:
@@ -143,7 +154,12 @@ class ChunkRun:
         ttl: float,
     ) -> bool:
         self.part_seq += 1
-        stem = f"batches/{self.batch.id}/parts/{self.chunk['idx']:07d}.{self.generation}.{self.part_seq}"
+        # The random tail keeps keys unique across lives of the same (chunk, generation): a
+        # recovered journal must never overwrite a part an earlier life already committed.
+        stem = (
+            f"batches/{self.batch.id}/parts/"
+            f"{self.chunk['idx']:07d}.{self.generation}.{self.part_seq}.{secrets.token_hex(4)}"
+        )
         out_data, err_data = b"".join(out), b"".join(err)
         out_key = f"{stem}.out.jsonl" if out_data else None
         err_key = f"{stem}.err.jsonl" if err_data else None

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import orjson
 
@@ -21,9 +22,10 @@ from batchd.config import Settings
 from batchd.engine.chunk_run import BatchInfo, ChunkRun, bitmap_to_int
 from batchd.engine.dispatch import SendPolicy, send_line
 from batchd.engine.finalize import finalize_batch
+from batchd.engine.identity import WorkerIdentity
+from batchd.engine.journal import JournalDir, JournalKey, read_journal
 from batchd.engine.validation import validate_next
 from batchd.errors import BatchdError
-from batchd.ids import worker_id
 from batchd.ingest.lines import clean, split_block
 from batchd.store import Store
 from batchd.store.store import Row
@@ -35,12 +37,23 @@ QueueItem = tuple[ChunkRun, int, str, bytes]
 
 
 class Worker:
-    def __init__(self, settings: Settings, store: Store, blobs: BlobStore, upstream: Upstream):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        blobs: BlobStore,
+        upstream: Upstream,
+        *,
+        identity: WorkerIdentity | None = None,
+        journals: JournalDir | None = None,
+    ):
         self.settings = settings
         self.store = store
         self.blobs = blobs
         self.upstream = upstream
-        self.owner = worker_id()
+        self.identity = identity or WorkerIdentity.ephemeral()
+        self.owner = self.identity.owner
+        self.journals = journals
         self.policy = SendPolicy(settings.request_timeout, settings.max_attempts)
         self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize=settings.upstream_concurrency)
         self.runs: dict[tuple[str, int], ChunkRun] = {}
@@ -57,6 +70,7 @@ class Worker:
 
     async def run(self) -> None:
         """Work until ``stop`` is set, then drain in-flight requests and checkpoint."""
+        await self._recover()
         senders = [asyncio.create_task(self._sender()) for _ in range(self.settings.upstream_concurrency)]
         sides = [
             asyncio.create_task(self._every(self.settings.checkpoint_interval, self._checkpoint_all)),
@@ -86,6 +100,42 @@ class Worker:
             quiet = 0 if busy else quiet + 1
         self.stop.set()
         await runner
+
+    async def _recover(self) -> None:
+        """Commit what this identity's journals hold, then give back its old leases."""
+        if not self.identity.stable:
+            return
+        if self.journals is not None:
+            for key, path in self.journals.leftovers():
+                await self._recover_journal(key, path)
+                path.unlink(missing_ok=True)
+        released = await self.store.release_owner(self.owner)
+        if released:
+            log.info("released %d chunk leases of a previous run", released, extra={"action": "recover"})
+
+    async def _recover_journal(self, key: JournalKey, path: Path) -> None:
+        chunk = await self.store.get_chunk(key.batch_id, key.idx)
+        if chunk is None or chunk["lease_owner"] != self.owner or chunk["generation"] != key.generation:
+            return  # taken over or finished elsewhere: the journal's results are not ours to commit
+        run = ChunkRun(chunk=chunk, batch=await self._batch_info(key.batch_id), done=await self._done(chunk))
+        recovered = 0
+        for idx, result in read_journal(path):
+            if not run.is_done(idx) and not (run.pending >> idx) & 1:
+                run.outstanding += 1
+                run.record(idx, result)
+                recovered += 1
+        await run.checkpoint(self.store, self.blobs, self.owner, final=True, ttl=self.settings.lease_seconds)
+        log.info(
+            "recovered %d results from a journal",
+            recovered,
+            extra={"batch_id": key.batch_id, "chunk_id": key.idx, "action": "recover"},
+        )
+
+    async def _done(self, chunk: Row) -> int:
+        done = 0
+        for bitmap in await self.store.done_bitmaps(chunk["batch_id"], chunk["idx"]):
+            done |= bitmap_to_int(bitmap)
+        return done
 
     async def _drain(self) -> None:
         """Stop feeding, let in-flight requests finish, checkpoint, give chunks back."""
@@ -159,16 +209,17 @@ class Worker:
     # ------------------------------------------------------------------ chunks
 
     async def _run_chunk(self, chunk: Row) -> None:
-        batch = await self._batch_info(chunk["batch_id"])
-        done = 0
-        for bitmap in await self.store.done_bitmaps(chunk["batch_id"], chunk["idx"]):
-            done |= bitmap_to_int(bitmap)
-        run = ChunkRun(chunk=chunk, batch=batch, done=done)
+        run = ChunkRun(
+            chunk=chunk, batch=await self._batch_info(chunk["batch_id"]), done=await self._done(chunk)
+        )
+        if self.journals is not None:
+            run.journal = self.journals.open(JournalKey(run.batch.id, chunk["idx"], run.generation))
         self.runs[run.key] = run
         try:
             await self._feed(run)
             await run.settled.wait()
             await asyncio.shield(self._finish_chunk(run))
+            run.close_journal()
         finally:
             self.runs.pop(run.key, None)
             self.wake.set()

@@ -471,6 +471,27 @@ class Store:
         async with self.engine.connect() as conn:
             return str((await conn.execute(q)).scalar_one())
 
+    async def get_chunk(self, batch_id: str, idx: int) -> Row | None:
+        q = select(chunks).where(chunks.c.batch_id == batch_id, chunks.c.idx == idx)
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(q)).first()
+        return _row(r) if r else None
+
+    async def release_owner(self, owner: str) -> int:
+        """A restarted worker gives back every chunk and job its previous life still held."""
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                update(chunks)
+                .where(chunks.c.lease_owner == owner, chunks.c.state == "leased")
+                .values(state="pending", lease_owner=None, lease_expires_at=None)
+            )
+            await conn.execute(
+                update(batches)
+                .where(batches.c.job_owner == owner)
+                .values(job_owner=None, job_expires_at=None)
+            )
+        return int(res.rowcount)
+
     async def chunk_plan(self, batch_id: str) -> list[Row]:
         q = select(chunks).where(chunks.c.batch_id == batch_id).order_by(chunks.c.idx)
         async with self.engine.connect() as conn:
