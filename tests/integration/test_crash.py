@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import signal
+import time
 from collections import Counter
 from typing import Any
 
@@ -28,6 +29,14 @@ def _check_exactly_once(
     assert max(seen.values()) == 1, [k for k, v in seen.items() if v > 1][:5]
 
 
+def _wait_completed(client: Any, batch_id: str, target: int) -> None:
+    wait_until(
+        lambda: client.batches.retrieve(batch_id).request_counts.completed >= target,
+        120,
+        what=f"{target} lines",
+    )
+
+
 def test_sigkill_at_ten_moments(make_server: Any, fake_upstream: FakeUpstreamHandle) -> None:
     fake_upstream.configure(latency=0.02)
     n = 20_000
@@ -44,18 +53,9 @@ def test_sigkill_at_ten_moments(make_server: Any, fake_upstream: FakeUpstreamHan
     moments: list[Any] = ["validating", *targets, "last-lines"]
     kills = 0
     for moment in moments:
-        if moment == "last-lines":
-            wait_until(
-                lambda: client.batches.retrieve(batch.id).request_counts.completed >= n - 300,
-                120,
-                what="last lines",
-            )
-        elif moment != "validating":
-            wait_until(
-                lambda t=moment: client.batches.retrieve(batch.id).request_counts.completed >= t,
-                120,
-                what=f"{moment} lines",
-            )
+        if moment != "validating":
+            target = n - 300 if moment == "last-lines" else moment
+            _wait_completed(client, batch.id, target)
         server.stop(signal.SIGKILL)
         kills += 1
         server = make_server(fake_upstream.base_url, name="data", **ENV)
@@ -118,8 +118,6 @@ def test_sigkill_then_downtime_past_expiry_ends_expired(
     wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 20, 30, what="progress")
     server.stop(signal.SIGKILL)
     # Stay down until the deadline has passed: expiry is judged by the wall clock.
-    import time
-
     wait_until(lambda: time.time() > batch.expires_at + 1, 10, what="the deadline to pass")
     server = make_server(fake_upstream.base_url, name="data", **env)
     client = server.client()
