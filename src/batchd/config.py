@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(30.0, gt=0)
     poll_interval: float = Field(0.2, gt=0)
     shutdown_grace: float = Field(30.0, ge=0)
+    janitor_interval: float = Field(3600.0, gt=0)
+    orphan_grace: float = Field(600.0, ge=0)
 
     # Input limits.
     max_file_bytes: int = Field(10 * 1024**3, ge=1)

@@ -6,7 +6,10 @@ reads are streamed or ranged. obstore's errors become ``StorageError`` here.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -46,13 +49,40 @@ class BlobWriter:
 
 
 class BlobStore:
-    def __init__(self, inner: Any):
+    def __init__(self, inner: Any, root: Path | None = None):
         self.inner = inner
+        self.root = root  # set for a local directory: lets us fsync and sweep staging files
 
     @classmethod
     def local(cls, root: Path) -> BlobStore:
         root.mkdir(parents=True, exist_ok=True)
-        return cls(LocalStore(str(root), mkdir=True))
+        return cls(LocalStore(str(root), mkdir=True), root)
+
+    async def put_durable(self, key: str, data: bytes) -> None:
+        """``put``, and on a local directory also fsync, so a checkpoint that the database
+        records survives a power loss, not only a killed process."""
+        await self.put(key, data)
+        if self.root is not None:
+            await asyncio.to_thread(_fsync, self.root / key)
+
+    async def list_keys(self, prefix: str) -> AsyncIterator[tuple[str, float]]:
+        """(key, last-modified unix time) of stored objects under ``prefix``."""
+        async for page in obstore.list(self.inner, prefix=prefix, chunk_size=1000):
+            for meta in page:
+                yield meta["path"], meta["last_modified"].timestamp()
+
+    def sweep_staging(self, older_than: float) -> int:
+        """Delete a local store's half-written staging files (``name#N``) that a killed
+        process left behind; obstore removes them itself on a clean exit."""
+        if self.root is None:
+            return 0
+        removed = 0
+        for path in self.root.rglob("*#*"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_file() and path.stat().st_mtime < older_than:
+                    path.unlink()
+                    removed += 1
+        return removed
 
     def writer(self, key: str) -> BlobWriter:
         return BlobWriter(self, key)
@@ -88,3 +118,11 @@ class BlobStore:
             await obstore.delete_async(self.inner, key)
         except NotFoundError:
             pass
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

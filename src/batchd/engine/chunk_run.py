@@ -164,9 +164,9 @@ class ChunkRun:
         out_key = f"{stem}.out.jsonl" if out_data else None
         err_key = f"{stem}.err.jsonl" if err_data else None
         if out_key:
-            await blobs.put(out_key, out_data)
+            await blobs.put_durable(out_key, out_data)
         if err_key:
-            await blobs.put(err_key, err_data)
+            await blobs.put_durable(err_key, err_data)
         part = PartCommit(
             batch_id=self.batch.id,
             chunk_idx=self.chunk["idx"],

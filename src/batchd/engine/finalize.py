@@ -15,6 +15,7 @@ import orjson
 
 from batchd.blobs import BlobStore
 from batchd.engine.chunk_run import bitmap_to_int
+from batchd.engine.janitor import sweep_batch_parts
 from batchd.engine.results import error_result
 from batchd.ids import file_id
 from batchd.ingest.lines import clean, split_block
@@ -66,6 +67,7 @@ async def finalize_batch(store: Store, blobs: BlobStore, batch_id: str, owner: s
         error_file=error_file,
     )
     if done:
+        await sweep_batch_parts(store, blobs, batch_id)
         log.info(
             "batch %s",
             status,

@@ -23,6 +23,7 @@ from batchd.engine.chunk_run import BatchInfo, ChunkRun, bitmap_to_int
 from batchd.engine.dispatch import SendPolicy, send_line
 from batchd.engine.finalize import finalize_batch
 from batchd.engine.identity import WorkerIdentity
+from batchd.engine.janitor import purge_files, sweep_orphans
 from batchd.engine.journal import JournalDir, JournalKey, read_journal
 from batchd.engine.validation import validate_next
 from batchd.errors import BatchdError
@@ -77,6 +78,7 @@ class Worker:
             asyncio.create_task(self._every(self.settings.lease_seconds / 3, self._heartbeat)),
             asyncio.create_task(self._every(self.settings.poll_interval, self._watch_batches)),
             asyncio.create_task(self._every(30.0, self._purge)),
+            asyncio.create_task(self._every(self.settings.janitor_interval, self._sweep, at_start=True)),
         ]
         try:
             while not self.stop.is_set():
@@ -290,9 +292,14 @@ class Worker:
 
     # ------------------------------------------------------------------ side tasks
 
-    async def _every(self, interval: float, action: Callable[[], Awaitable[None]]) -> None:
+    async def _every(
+        self, interval: float, action: Callable[[], Awaitable[None]], at_start: bool = False
+    ) -> None:
+        first = True
         while True:
-            await asyncio.sleep(interval)
+            if not (first and at_start):
+                await asyncio.sleep(interval)
+            first = False
             try:
                 await action()
             except (BatchdError, OSError, RuntimeError) as exc:
@@ -329,9 +336,10 @@ class Worker:
             self.wake.set()
 
     async def _purge(self) -> None:
-        for f in await self.store.files_to_purge(int(time.time())):
-            for key in await self.store.purge_file(f["id"]):
-                await self.blobs.delete(key)
+        await purge_files(self.store, self.blobs)
+
+    async def _sweep(self) -> None:
+        await sweep_orphans(self.store, self.blobs, self.settings.orphan_grace)
 
 
 def _request_of(text: bytes) -> tuple[str, bytes]:

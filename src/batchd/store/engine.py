@@ -27,11 +27,11 @@ def make_engine(url: str) -> AsyncEngine:
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    # WAL lets the API read while the worker writes; NORMAL sync is crash-safe for a killed
-    # process (only an OS crash can lose the last transactions); busy_timeout waits for the
-    # writer instead of failing.
+    # WAL lets the API read while the worker writes; FULL sync makes each commit survive a
+    # power loss as well as a killed process (commits are batched, so the cost is small);
+    # busy_timeout waits for the writer instead of failing.
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()

@@ -130,6 +130,11 @@ class Store:
             )
             return [k for (k,) in keys]
 
+    async def known_blob_keys(self, keys: list[str]) -> set[str]:
+        q = select(files.c.blob_key).where(files.c.blob_key.in_(keys))
+        async with self.engine.connect() as conn:
+            return {k for (k,) in await conn.execute(q)}
+
     # --------------------------------------------------------------------------- batches
 
     async def insert_batch(self, **values: Any) -> Row:
@@ -554,6 +559,11 @@ class Store:
         )
         async with self.engine.begin() as conn:
             await conn.execute(q)
+
+    async def part_keys(self, batch_id: str) -> set[str]:
+        q = select(result_parts.c.out_key, result_parts.c.err_key).where(result_parts.c.batch_id == batch_id)
+        async with self.engine.connect() as conn:
+            return {k for row in await conn.execute(q) for k in row if k}
 
     async def view_parts(self, batch_id: str, stream: str) -> list[tuple[str, int]]:
         """The blobs of a result file, in order."""
