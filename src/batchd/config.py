@@ -2,13 +2,61 @@
 
 from __future__ import annotations
 
+import os
+import tomllib
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from batchd.durations import parse_duration
+
+
+class UpstreamConfig(BaseModel):
+    """One ``[[upstreams]]`` entry of ``batchd.toml``."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str
+    url: str
+    api_key: str | None = None
+    api_key_env: str | None = None
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    rpm: int | None = Field(None, gt=0)
+    tpm: int | None = Field(None, gt=0)
+    max_concurrency: int = Field(64, ge=1, le=10_000)
+    weight: float = Field(1.0, gt=0)
+
+    def resolved_key(self) -> str | None:
+        """The key itself, or the value of the environment variable it names."""
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise ValueError(
+                    f"upstream {self.name!r}: environment variable {self.api_key_env} is not set"
+                )
+            return value
+        return self.api_key
+
+
+def load_upstreams(path: Path) -> list[UpstreamConfig]:
+    """The ``[[upstreams]]`` of a TOML file, with errors that name the file and the entry."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    entries = data.get("upstreams")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected at least one [[upstreams]] table")
+    try:
+        upstreams = [UpstreamConfig.model_validate(e) for e in entries]
+    except ValidationError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    names = [u.name for u in upstreams]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: upstream names must be unique")
+    return upstreams
 
 
 class Settings(BaseSettings):
@@ -22,6 +70,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     upstream_url: str = "http://127.0.0.1:8000/v1"
     upstream_api_key: str | None = None
+    upstream_rpm: int | None = Field(None, gt=0)
+    upstream_tpm: int | None = Field(None, gt=0)
+    config: Path | None = None
     completion_windows: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["24h"])
 
     # Dispatch.
@@ -58,6 +109,22 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    def upstreams(self) -> list[UpstreamConfig]:
+        """The upstream table: from ``--config`` when given, else the single ``--upstream``."""
+        if self.config is not None:
+            return load_upstreams(self.config)
+        return [
+            UpstreamConfig(
+                name="default",
+                url=self.upstream_url,
+                api_key=self.upstream_api_key,
+                rpm=self.upstream_rpm,
+                tpm=self.upstream_tpm,
+                max_concurrency=self.upstream_concurrency,
+                weight=1.0,
+            )
+        ]
 
     @property
     def window_seconds(self) -> dict[str, int]:

@@ -8,7 +8,8 @@ import time
 
 import orjson
 
-from batchd.engine.dispatch import SendPolicy, send_line
+from batchd.engine.dispatch import LineRequest, SendPolicy, send_line
+from batchd.engine.lanes import Router, UpstreamSpec
 from batchd.engine.results import error_result, http_result, usage_of
 from batchd.upstreams.base import MockUpstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 from tests.support import assert_schema
@@ -60,22 +61,21 @@ def test_usage_of_responses_api_names() -> None:
 POLICY = SendPolicy(request_timeout=5, max_attempts=4)
 
 
-def _run(handler, deadline: float = 60, stopping=lambda: False):  # type: ignore[no-untyped-def]
-    calls = []
+def _router(handler, max_attempts: int = 4):  # type: ignore[no-untyped-def]
+    return Router([(UpstreamSpec(name="u", url="http://unused"), MockUpstream(handler))])
+
+
+def _send(handler, *, deadline: float = 60, stopping=lambda: False, policy: SendPolicy = POLICY):  # type: ignore[no-untyped-def]
+    calls: list[int] = []
 
     async def counted(path: str, body: bytes) -> UpstreamResponse:
-        calls.append(path)
+        calls.append(1)
         return await handler(len(calls))
 
     async def go():  # type: ignore[no-untyped-def]
+        req = LineRequest("cid", "m", "/chat/completions", b"{}", 10)
         return await send_line(
-            MockUpstream(counted),
-            "/chat/completions",
-            "cid",
-            b"{}",
-            deadline=time.time() + deadline,
-            policy=POLICY,
-            stopping=stopping,
+            _router(counted), req, deadline=time.time() + deadline, policy=policy, stopping=stopping
         )
 
     return asyncio.run(go()), len(calls)
@@ -89,7 +89,7 @@ def test_retries_until_success_honouring_retry_after() -> None:
             return UpstreamResponse(503, b"{}", {"retry-after": "0"})
         return UpstreamResponse(200, b'{"ok": true}')
 
-    result, calls = _run(handler)
+    result, calls = _send(handler)
     assert result is not None and result.ok and calls == 3
 
 
@@ -97,47 +97,38 @@ def test_client_error_is_not_retried() -> None:
     async def handler(n: int) -> UpstreamResponse:
         return UpstreamResponse(400, b'{"error": {"message": "no"}}')
 
-    result, calls = _run(handler)
+    result, calls = _send(handler)
     assert result is not None and not result.ok and calls == 1
 
 
-def test_unreachable_upstream_exhausts_attempts() -> None:
+def test_timeouts_exhaust_attempts_while_the_upstream_is_up() -> None:
     async def handler(n: int) -> UpstreamResponse:
-        if n % 2:
-            raise UpstreamError("connection refused")
         raise UpstreamTimeout("slow")
 
-    async def fast_handler(n: int) -> UpstreamResponse:
-        return await handler(n)
-
-    policy_calls = []
-
-    async def go():  # type: ignore[no-untyped-def]
-        async def h(path: str, body: bytes) -> UpstreamResponse:
-            policy_calls.append(1)
-            return await fast_handler(len(policy_calls))
-
-        return await send_line(
-            MockUpstream(h),
-            "/x",
-            "cid",
-            b"{}",
-            deadline=time.time() + 60,
-            policy=SendPolicy(request_timeout=5, max_attempts=2),
-            stopping=lambda: False,
-        )
-
-    result = asyncio.run(go())
-    assert result is not None and len(policy_calls) == 2
+    result, calls = _send(handler, policy=SendPolicy(request_timeout=5, max_attempts=2))
+    assert result is not None and calls == 2
     obj = json.loads(result.line)
     assert obj["response"] is None and obj["error"]["code"] == "request_timeout"
+
+
+def test_outage_does_not_spend_attempts() -> None:
+    """Eight connection failures in a row mark the upstream down; the line keeps waiting (on
+    probes) instead of failing after max_attempts, and succeeds when the upstream is back."""
+
+    async def handler(n: int) -> UpstreamResponse:
+        if n <= 8:
+            raise UpstreamError("connection refused")
+        return UpstreamResponse(200, b'{"ok": true}')
+
+    result, calls = _send(handler, policy=SendPolicy(request_timeout=5, max_attempts=6))
+    assert result is not None and result.ok and calls == 9
 
 
 def test_deadline_leaves_the_line_unfinished() -> None:
     async def handler(n: int) -> UpstreamResponse:
         return UpstreamResponse(500, b"{}", {"retry-after": "30"})
 
-    result, calls = _run(handler, deadline=5)
+    result, calls = _send(handler, deadline=5)
     assert result is None and calls == 1
 
 
@@ -145,5 +136,17 @@ def test_stopping_batch_abandons_retries() -> None:
     async def handler(n: int) -> UpstreamResponse:
         return UpstreamResponse(503, b"{}")
 
-    result, calls = _run(handler, stopping=lambda: True)
-    assert result is None and calls == 1
+    result, calls = _send(handler, stopping=lambda: True)
+    assert result is None and calls <= 1
+
+
+def test_unserved_model_is_a_404_line() -> None:
+    async def go():  # type: ignore[no-untyped-def]
+        router = Router([(UpstreamSpec(name="u", url="http://x", models=("only-this",)), MockUpstream(None))])  # type: ignore[arg-type]
+        req = LineRequest("cid", "other", "/chat/completions", b"{}", 0)
+        return await send_line(router, req, deadline=time.time() + 5, policy=POLICY, stopping=lambda: False)
+
+    result = asyncio.run(go())
+    obj = json.loads(result.line)
+    assert obj["response"]["status_code"] == 404
+    assert obj["response"]["body"]["error"]["code"] == "model_not_found"

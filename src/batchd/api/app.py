@@ -17,11 +17,11 @@ from batchd.blobs import BlobStore
 from batchd.config import Settings
 from batchd.engine.identity import WorkerIdentity
 from batchd.engine.journal import JournalDir
+from batchd.engine.lanes import build_router
 from batchd.engine.worker import Worker
 from batchd.ids import request_id
 from batchd.store import Store
 from batchd.store.migrate import upgrade
-from batchd.upstreams.http import HttpUpstream
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await asyncio.to_thread(upgrade, settings.resolved_database_url)
     store = Store.open(settings.resolved_database_url)
     blobs = BlobStore.local(settings.blob_dir)
-    upstream = HttpUpstream(settings.upstream_url, settings.upstream_api_key, settings.upstream_concurrency)
+    router = build_router(settings)
     app.state.store, app.state.blobs = store, blobs
     worker = None
     if settings.run_worker:
         identity = WorkerIdentity.claim(settings.data_dir)
         journals = JournalDir(settings.data_dir / "journal" / identity.owner)
-        worker = Worker(settings, store, blobs, upstream, identity=identity, journals=journals)
+        worker = Worker(settings, store, blobs, router, identity=identity, journals=journals)
     task = asyncio.create_task(worker.run()) if worker else None
     log.info("batchd ready", extra={"action": "start"})
     try:
@@ -74,7 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             worker.wake.set()
             await task
             worker.identity.release()
-        await upstream.aclose()
+        await router.aclose()
         await store.close()
 
 

@@ -33,6 +33,7 @@ class BatchInfo:
     id: str
     endpoint: str
     path: str
+    model: str
     expires_at: int
     input_key: str
 

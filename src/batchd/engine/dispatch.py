@@ -1,4 +1,4 @@
-"""Sending one line: deadline -> retries -> upstream.send, as a chain of small steps."""
+"""Sending one line: deadline -> retries -> lane (route, budgets, window) -> upstream.send."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from batchd.engine.results import LineResult, error_result, http_result
+import orjson
+
+from batchd.engine.lanes import Lane, Router
+from batchd.engine.results import LineResult, error_result, http_result, usage_of
 from batchd.engine.retry import GiveUp, decide, is_retryable, parse_retry_after
-from batchd.upstreams.base import Upstream, UpstreamError, UpstreamResponse
+from batchd.upstreams.base import UpstreamError, UpstreamResponse, UpstreamTimeout
 
 
 @dataclass(frozen=True)
@@ -19,11 +22,61 @@ class SendPolicy:
     max_attempts: int
 
 
+@dataclass(frozen=True)
+class LineRequest:
+    custom_id: str
+    model: str
+    path: str
+    body: bytes
+    tokens: int
+
+
+def no_upstream(model: str) -> UpstreamResponse:
+    body = {
+        "error": {
+            "message": f"No configured upstream serves the model '{model}'.",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+    return UpstreamResponse(404, orjson.dumps(body))
+
+
+async def _attempt(
+    lane: Lane, req: LineRequest, timeout: float
+) -> tuple[UpstreamResponse | None, UpstreamError | None]:
+    resp: UpstreamResponse | None = None
+    failure: UpstreamError | None = None
+    try:
+        resp = await lane.client.send(req.path, req.body, timeout)
+    except UpstreamError as exc:
+        failure = exc
+    finally:
+        used = None
+        if resp is not None and 200 <= resp.status < 300 and req.tokens and lane.tpm.limited:
+            used = _total_tokens(resp.body)
+        await lane.finish(
+            resp.status if resp is not None else None,
+            resp.headers if resp is not None else {},
+            req.tokens,
+            used,
+            timed_out=isinstance(failure, UpstreamTimeout),
+        )
+    return resp, failure
+
+
+def _total_tokens(body: bytes) -> int | None:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return usage_of(obj)[4] or None if isinstance(obj, dict) else None
+
+
 async def send_line(
-    upstream: Upstream,
-    path: str,
-    custom_id: str,
-    body: bytes,
+    router: Router,
+    req: LineRequest,
     *,
     deadline: float,
     policy: SendPolicy,
@@ -31,27 +84,39 @@ async def send_line(
 ) -> LineResult | None:
     """The line's final result, or None when it must stay unfinished: the batch is stopping
     or its deadline came before a transient fault cleared (it then ends as ``batch_expired``
-    or ``batch_cancelled``, never as a failure it did not earn)."""
+    or ``batch_cancelled``, never as a failure it did not earn).
+
+    Failures while the upstream is down (every request failing) do not spend the line's
+    attempts: an outage pauses the lane and lines wait for it, until the deadline."""
     attempt = 0
     while True:
-        attempt += 1
-        now = time.time()
-        timeout = min(policy.request_timeout, deadline - now)
-        if timeout <= 0:
+        lane = router.pick(req.model)
+        if lane is None:
+            return http_result(req.custom_id, no_upstream(req.model))
+        left = deadline - time.time()
+        if left <= 0:
             return None
-        resp: UpstreamResponse | None = None
-        failure: UpstreamError | None = None
         try:
-            resp = await upstream.send(path, body, timeout)
-        except UpstreamError as exc:
-            failure = exc
+            await asyncio.wait_for(lane.admit(req.tokens), left)
+        except TimeoutError:
+            return None
+        if stopping():
+            await lane.abandon()
+            return None
+        resp, failure = await _attempt(
+            lane, req, min(policy.request_timeout, max(deadline - time.time(), 0.001))
+        )
         status = resp.status if resp is not None else None
         if resp is not None and not is_retryable(status):
-            return http_result(custom_id, resp)
+            return http_result(req.custom_id, resp)
+        if not lane.health.down:
+            attempt += 1
         choice = decide(
             status=status,
-            attempt=attempt,
-            max_attempts=policy.max_attempts,
+            attempt=max(attempt, 1),
+            max_attempts=policy.max_attempts
+            if not lane.health.down
+            else max(policy.max_attempts, attempt + 2),
             retry_after=parse_retry_after(resp.headers, time.time()) if resp is not None else None,
             now=time.time(),
             deadline=deadline,
@@ -61,9 +126,9 @@ async def send_line(
             if choice.reason == "deadline" or stopping():
                 return None
             if resp is not None:
-                return http_result(custom_id, resp)
+                return http_result(req.custom_id, resp)
             assert failure is not None
-            return error_result(custom_id, failure.code)
+            return error_result(req.custom_id, failure.code)
         if stopping():
             return None
         await asyncio.sleep(choice.delay)

@@ -20,21 +20,21 @@ import orjson
 from batchd.blobs import BlobStore
 from batchd.config import Settings
 from batchd.engine.chunk_run import BatchInfo, ChunkRun, bitmap_to_int
-from batchd.engine.dispatch import SendPolicy, send_line
+from batchd.engine.dispatch import LineRequest, SendPolicy, send_line
 from batchd.engine.finalize import finalize_batch
 from batchd.engine.identity import WorkerIdentity
 from batchd.engine.janitor import purge_files, sweep_orphans
 from batchd.engine.journal import JournalDir, JournalKey, read_journal
+from batchd.engine.lanes import Router, estimate_tokens
 from batchd.engine.validation import validate_next
 from batchd.errors import BatchdError
 from batchd.ingest.lines import clean, split_block
 from batchd.store import Store
 from batchd.store.store import Row
-from batchd.upstreams.base import Upstream
 
 log = logging.getLogger(__name__)
 
-QueueItem = tuple[ChunkRun, int, str, bytes]
+QueueItem = tuple[ChunkRun, int, LineRequest]
 
 
 class Worker:
@@ -43,7 +43,7 @@ class Worker:
         settings: Settings,
         store: Store,
         blobs: BlobStore,
-        upstream: Upstream,
+        router: Router,
         *,
         identity: WorkerIdentity | None = None,
         journals: JournalDir | None = None,
@@ -51,12 +51,13 @@ class Worker:
         self.settings = settings
         self.store = store
         self.blobs = blobs
-        self.upstream = upstream
+        self.router = router
         self.identity = identity or WorkerIdentity.ephemeral()
         self.owner = self.identity.owner
         self.journals = journals
         self.policy = SendPolicy(settings.request_timeout, settings.max_attempts)
-        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize=settings.upstream_concurrency)
+        self.senders = min(router.capacity, 4096)
+        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize=self.senders)
         self.runs: dict[tuple[str, int], ChunkRun] = {}
         self.jobs: set[asyncio.Task[None]] = set()
         self.stop = asyncio.Event()
@@ -64,7 +65,7 @@ class Worker:
         self._batches: dict[str, BatchInfo] = {}
         self._finalizing: set[str] = set()
         self._validating = False
-        chunks_needed = -(-settings.upstream_concurrency // settings.chunk_lines)
+        chunks_needed = -(-self.senders // settings.chunk_lines)
         self.max_runs = max(4, 2 * chunks_needed)
 
     # ------------------------------------------------------------------ life cycle
@@ -72,7 +73,7 @@ class Worker:
     async def run(self) -> None:
         """Work until ``stop`` is set, then drain in-flight requests and checkpoint."""
         await self._recover()
-        senders = [asyncio.create_task(self._sender()) for _ in range(self.settings.upstream_concurrency)]
+        senders = [asyncio.create_task(self._sender()) for _ in range(self.senders)]
         sides = [
             asyncio.create_task(self._every(self.settings.checkpoint_interval, self._checkpoint_all)),
             asyncio.create_task(self._every(self.settings.lease_seconds / 3, self._heartbeat)),
@@ -239,9 +240,9 @@ class Worker:
                 if not run.is_done(idx):
                     if run.should_stop():
                         break
-                    custom_id, body = _request_of(text)
+                    request = _request_of(text, run.batch)
                     run.outstanding += 1
-                    await self.queue.put((run, idx, custom_id, body))
+                    await self.queue.put((run, idx, request))
                 idx += 1
         finally:
             run.feeding_done = True
@@ -254,16 +255,14 @@ class Worker:
 
     async def _sender(self) -> None:
         while True:
-            run, idx, custom_id, body = await self.queue.get()
+            run, idx, request = await self.queue.get()
             try:
                 if run.should_stop():
                     run.record(idx, None)
                     continue
                 result = await send_line(
-                    self.upstream,
-                    run.batch.path,
-                    custom_id,
-                    body,
+                    self.router,
+                    request,
                     deadline=run.batch.expires_at,
                     policy=self.policy,
                     stopping=run.should_stop,
@@ -284,6 +283,7 @@ class Worker:
                 id=batch_id,
                 endpoint=row["endpoint"],
                 path=row["endpoint"].removeprefix("/v1"),
+                model=row["model"] or "",
                 expires_at=row["expires_at"],
                 input_key=await self.store.input_blob_key(batch_id),
             )
@@ -342,7 +342,11 @@ class Worker:
         await sweep_orphans(self.store, self.blobs, self.settings.orphan_grace)
 
 
-def _request_of(text: bytes) -> tuple[str, bytes]:
-    """custom_id and the body to send; the line was validated, so the shape holds."""
+def _request_of(text: bytes, batch: BatchInfo) -> LineRequest:
+    """What to send for a validated line (so its shape holds), with its token estimate."""
     obj = orjson.loads(text)
-    return obj["custom_id"], orjson.dumps(obj["body"])
+    body = obj["body"]
+    raw = orjson.dumps(body)
+    max_output = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    tokens = estimate_tokens(len(raw), max_output if isinstance(max_output, int) else 0)
+    return LineRequest(obj["custom_id"], batch.model, batch.path, raw, tokens)
