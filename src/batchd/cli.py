@@ -53,6 +53,23 @@ def serve(
         int | None,
         typer.Option(help="Most requests in flight to the upstream [env BATCHD_UPSTREAM_CONCURRENCY; 64]"),
     ] = None,
+    upstream_rpm: Annotated[
+        int | None,
+        typer.Option(help="Upstream requests/minute limit [env BATCHD_UPSTREAM_RPM; learned if unset]"),
+    ] = None,
+    upstream_tpm: Annotated[
+        int | None,
+        typer.Option(help="Upstream tokens/minute limit [env BATCHD_UPSTREAM_TPM; learned if unset]"),
+    ] = None,
+    request_timeout: Annotated[
+        float | None, typer.Option(help="Seconds per upstream request [env BATCHD_REQUEST_TIMEOUT; 600]")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="batchd.toml with [[upstreams]] (several upstreams, per-model routing) [env BATCHD_CONFIG]"
+        ),
+    ] = None,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Serve the API only; run no worker")] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
@@ -67,8 +84,17 @@ def serve(
         upstream_api_key=upstream_api_key,
         completion_windows=completion_windows,
         upstream_concurrency=upstream_concurrency,
+        upstream_rpm=upstream_rpm,
+        upstream_tpm=upstream_tpm,
+        request_timeout=request_timeout,
+        config=config,
         run_worker=False if no_worker else None,
     )
+    try:
+        settings.upstreams()
+    except ValueError as exc:
+        typer.echo(f"batchd: {exc}", err=True)
+        raise typer.Exit(2) from exc
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_server(settings, log_level)
 
