@@ -91,7 +91,8 @@ def serve(
         run_worker=False if no_worker else None,
     )
     try:
-        settings.upstreams()
+        for upstream_cfg in settings.upstreams():
+            upstream_cfg.resolved_key()
     except ValueError as exc:
         typer.echo(f"batchd: {exc}", err=True)
         raise typer.Exit(2) from exc
