@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from batchd.testing import FakeUpstream
 from batchd.testing.fake_upstream import FakeUpstreamHandle
+from tests import backends
 from tests.support import Server
 
 
@@ -16,13 +18,42 @@ def fake_upstream() -> Iterator[FakeUpstreamHandle]:
         yield handle
 
 
+@pytest.fixture(scope="session")
+def s3_session() -> Iterator[backends.S3Server | None]:
+    """One moto_server for the session, started only when the pg back end is enabled."""
+    if "pg" not in backends.enabled():
+        yield None
+        return
+    with backends.s3_server() as s3:
+        yield s3
+
+
+@pytest.fixture(params=backends.enabled())
+def backend(request: pytest.FixtureRequest, s3_session: backends.S3Server | None) -> Iterator[dict[str, str]]:
+    """Environment that points a server at this test's back end: ``sqlite`` (a SQLite file and
+    a local directory, the defaults) or ``pg`` (a fresh PostgreSQL database and an S3 prefix)."""
+    if request.param == "sqlite":
+        yield {"BATCHD_TEST_BACKEND": "sqlite"}
+        return
+    assert s3_session is not None
+    with ExitStack() as stack:
+        db = stack.enter_context(backends.pg_database())
+        yield {
+            "BATCHD_TEST_BACKEND": "pg",
+            "BATCHD_DATABASE_URL": db,
+            "BATCHD_STORAGE_URL": s3_session.url(),
+            **s3_session.env,
+        }
+
+
 @pytest.fixture
-def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start ``batchd serve`` subprocesses; each is stopped at the end of the test."""
+def make_server(tmp_path: Path, backend: dict[str, str]) -> Iterator[Callable[..., Server]]:
+    """Start ``batchd serve`` subprocesses on this test's back end; all stopped at the end.
+    Servers started with the same ``name`` share a data directory (a restart)."""
     servers: list[Server] = []
 
     def make(upstream_url: str, name: str = "data", **env: str) -> Server:
-        server = Server(tmp_path / name, upstream_url, {k.upper(): v for k, v in env.items()})
+        server = Server(tmp_path / name, upstream_url, {**backend, **{k.upper(): v for k, v in env.items()}})
         servers.append(server.start())
         return server
 

@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     port: int = 8080
     data_dir: Path = Path("./batchd-data")
     database_url: str | None = None
+    storage_url: str | None = None
     upstream_url: str = "http://127.0.0.1:8000/v1"
     upstream_api_key: str | None = None
     upstream_rpm: int | None = Field(None, gt=0)

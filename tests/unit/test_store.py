@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
@@ -13,14 +15,21 @@ from batchd.store import Store
 from batchd.store.migrate import upgrade
 from batchd.store.store import PartCommit
 from batchd.store.tables import metadata
+from tests import backends
 
 
-def _url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}"
+@pytest.fixture(params=backends.enabled())
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The same store tests on a SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}"
+    else:
+        with backends.pg_database() as url:
+            yield url
 
 
-def test_migrations_match_the_tables(tmp_path: Path) -> None:
-    url = _url(tmp_path)
+def test_migrations_match_the_tables(db_url: str) -> None:
+    url = db_url
     upgrade(url)
     upgrade(url)  # idempotent
 
@@ -111,8 +120,8 @@ def _part(gen: int, idx: int = 0, bits: int = 0b0011, done: bool = False) -> Par
     )
 
 
-def test_lease_fencing_and_takeover(tmp_path: Path) -> None:
-    url = _url(tmp_path)
+def test_lease_fencing_and_takeover(db_url: str) -> None:
+    url = db_url
     upgrade(url)
 
     async def run() -> None:
@@ -144,8 +153,8 @@ def test_lease_fencing_and_takeover(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
-def test_cancelled_batch_is_not_leased_and_expired_chunks_stop(tmp_path: Path) -> None:
-    url = _url(tmp_path)
+def test_cancelled_batch_is_not_leased_and_expired_chunks_stop(db_url: str) -> None:
+    url = db_url
     upgrade(url)
 
     async def run() -> None:

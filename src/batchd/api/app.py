@@ -56,7 +56,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(upgrade, settings.resolved_database_url)
     store = Store.open(settings.resolved_database_url)
-    blobs = BlobStore.local(settings.blob_dir)
+    blobs = BlobStore.from_url(settings.storage_url, settings.blob_dir)
     router = build_router(settings)
     app.state.store, app.state.blobs = store, blobs
     worker = None

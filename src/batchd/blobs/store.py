@@ -16,7 +16,7 @@ from typing import Any
 
 import obstore
 from obstore.exceptions import NotFoundError
-from obstore.store import LocalStore
+from obstore.store import LocalStore, S3Store
 
 from batchd.errors import BlobMissing, StorageError
 
@@ -52,6 +52,21 @@ class BlobStore:
     def __init__(self, inner: Any, root: Path | None = None):
         self.inner = inner
         self.root = root  # set for a local directory: lets us fsync and sweep staging files
+
+    @classmethod
+    def from_url(cls, url: str | None, default_root: Path) -> BlobStore:
+        """``None`` or ``file:///dir``: a local directory; ``s3://bucket/prefix``: S3 or any
+        S3-compatible server, configured by the usual ``AWS_*`` environment variables
+        (``AWS_ENDPOINT_URL`` for MinIO and friends; plain ``http://`` endpoints are allowed)."""
+        if not url:
+            return cls.local(default_root)
+        if url.startswith("file://"):
+            return cls.local(Path(url.removeprefix("file://")))
+        if url.startswith("s3://"):
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+            options: Any = {"allow_http": True} if endpoint.startswith("http://") else None
+            return cls(S3Store.from_url(url, client_options=options))
+        raise ValueError(f"unsupported storage URL {url!r}: use s3://bucket/prefix or file:///path")
 
     @classmethod
     def local(cls, root: Path) -> BlobStore:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd.store.engine import make_engine
@@ -263,12 +263,10 @@ class Store:
             return (await conn.execute(q)).rowcount == 1
 
     async def _claim_job(self, cond: Any, owner: str, now: float, ttl: float, order: Any) -> Row | None:
-        pick = select(batches.c.id).where(cond).order_by(order).limit(1)
-        if self.is_postgres:
-            pick = pick.with_for_update(skip_locked=True)
+        picked = self._picked(select(batches.c.id).where(cond).order_by(order).limit(1), "picked_batch")
         q = (
             update(batches)
-            .where(batches.c.id.in_(pick.scalar_subquery()), cond)
+            .where(batches.c.id == picked.c.id, cond)
             .values(job_owner=owner, job_expires_at=now + ttl)
             .returning(*batches.c)
         )
@@ -362,11 +360,10 @@ class Store:
             .order_by(chunks.c.expires_at, batches.c.seq, chunks.c.idx)
             .limit(n)
         )
-        if self.is_postgres:
-            pick = pick.with_for_update(of=chunks, skip_locked=True)
+        picked = self._picked(pick, "picked_chunks", of=chunks)
         q = (
             update(chunks)
-            .where(tuple_(chunks.c.batch_id, chunks.c.idx).in_(pick), runnable)
+            .where(chunks.c.batch_id == picked.c.batch_id, chunks.c.idx == picked.c.idx, runnable)
             .values(
                 state="leased",
                 lease_owner=owner,
@@ -581,6 +578,15 @@ class Store:
             return [(k, n) for k, n in await conn.execute(q)]
 
     # --------------------------------------------------------------------------- helpers
+
+    def _picked(self, pick: Any, name: str, of: Any = None) -> Any:
+        """The rows to lease, as a CTE joined by the UPDATE. On PostgreSQL it is MATERIALIZED
+        with ``FOR UPDATE SKIP LOCKED``: an ``IN (SELECT … LIMIT n FOR UPDATE)`` subquery may
+        run more than once and lease more than ``n`` rows; concurrent workers skip each
+        other's rows instead of waiting."""
+        if not self.is_postgres:
+            return pick.cte(name)
+        return pick.with_for_update(of=of, skip_locked=True).cte(name).prefix_with("MATERIALIZED")
 
     @staticmethod
     async def _insert_part(conn: AsyncConnection, part: PartCommit) -> None:
