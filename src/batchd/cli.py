@@ -26,6 +26,16 @@ def _settings(**given: Any) -> Any:
         raise typer.Exit(2) from exc
 
 
+def _check_upstreams(settings: Any) -> None:
+    """Fail before starting when the upstream table cannot be used."""
+    try:
+        for upstream_cfg in settings.upstreams():
+            upstream_cfg.resolved_key()
+    except ValueError as exc:
+        typer.echo(f"batchd: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
 @app.command()
 def serve(
     host: Annotated[
@@ -35,6 +45,18 @@ def serve(
     data_dir: Annotated[
         Path | None,
         typer.Option(help="SQLite file and blobs live here [env BATCHD_DATA_DIR; default ./batchd-data]"),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="postgresql://... to scale out [env BATCHD_DATABASE_URL; default SQLite in the data dir]"
+        ),
+    ] = None,
+    storage_url: Annotated[
+        str | None,
+        typer.Option(
+            help="s3://bucket/prefix to scale out [env BATCHD_STORAGE_URL; default <data dir>/blobs]"
+        ),
     ] = None,
     upstream: Annotated[
         str | None,
@@ -80,6 +102,8 @@ def serve(
         host=host,
         port=port,
         data_dir=data_dir,
+        database_url=database_url,
+        storage_url=storage_url,
         upstream_url=upstream,
         upstream_api_key=upstream_api_key,
         completion_windows=completion_windows,
@@ -90,14 +114,46 @@ def serve(
         config=config,
         run_worker=False if no_worker else None,
     )
-    try:
-        for upstream_cfg in settings.upstreams():
-            upstream_cfg.resolved_key()
-    except ValueError as exc:
-        typer.echo(f"batchd: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    _check_upstreams(settings)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_server(settings, log_level)
+
+
+@app.command()
+def worker(
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Journals and worker id live here [env BATCHD_DATA_DIR]")
+    ] = None,
+    database_url: Annotated[str | None, typer.Option(help="[env BATCHD_DATABASE_URL]")] = None,
+    storage_url: Annotated[str | None, typer.Option(help="[env BATCHD_STORAGE_URL]")] = None,
+    upstream: Annotated[str | None, typer.Option(help="[env BATCHD_UPSTREAM_URL]")] = None,
+    upstream_concurrency: Annotated[
+        int | None, typer.Option(help="[env BATCHD_UPSTREAM_CONCURRENCY]")
+    ] = None,
+    upstream_rpm: Annotated[int | None, typer.Option(help="[env BATCHD_UPSTREAM_RPM]")] = None,
+    upstream_tpm: Annotated[int | None, typer.Option(help="[env BATCHD_UPSTREAM_TPM]")] = None,
+    config: Annotated[Path | None, typer.Option(help="batchd.toml [env BATCHD_CONFIG]")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run only a worker: validate, dispatch and finalize batches from the shared database
+    (pair with ``serve --no-worker`` processes; any number of each, on any machines)."""
+    import asyncio
+
+    from batchd.runtime import run_worker
+
+    settings = _settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        storage_url=storage_url,
+        upstream_url=upstream,
+        upstream_concurrency=upstream_concurrency,
+        upstream_rpm=upstream_rpm,
+        upstream_tpm=upstream_tpm,
+        config=config,
+    )
+    _check_upstreams(settings)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_worker(settings))
 
 
 @app.command()
@@ -127,6 +183,192 @@ def fake_upstream(
     from batchd.testing.fake_upstream import run_fake_upstream
 
     run_fake_upstream(host=host, port=port, latency=latency, failure_rate=failure_rate, rpm=rpm)
+
+
+# ----------------------------------------------------------------------------- client commands
+# They talk to a server through the openai SDK (batchd.client_cli); ``run`` needs none.
+
+ServerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        envvar="BATCHD_SERVER",
+        help="Base URL of the batchd server [env BATCHD_SERVER, else OPENAI_BASE_URL; "
+        "default http://127.0.0.1:8080/v1]",
+    ),
+]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="BATCHD_API_KEY", help="[env BATCHD_API_KEY, else OPENAI_API_KEY]"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the raw objects as JSON, for scripts")]
+OutputOpt = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Output file [default <name>.output.jsonl]")
+]
+ErrorsOpt = Annotated[Path | None, typer.Option("--errors", help="Error file [default <name>.errors.jsonl]")]
+
+
+def _connect(server: str | None, api_key: str | None) -> Any:
+    from batchd.client_cli import Connection
+
+    return Connection.resolve(server, api_key)
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(help="The JSONL batch input file")],
+    endpoint: Annotated[str, typer.Option(help="Batch endpoint; auto reads the first line's url")] = "auto",
+    window: Annotated[str, typer.Option(help="Completion window")] = "24h",
+    metadata: Annotated[
+        list[str] | None, typer.Option(help="key=value, repeatable", show_default=False)
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the batch and download its results")] = False,
+    output: OutputOpt = None,
+    errors: ErrorsOpt = None,
+    json_out: JsonOpt = False,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Upload a JSONL file and create a batch; with --wait, show its progress and download
+    the results beside the input."""
+    from batchd.client_cli import submit as submit_
+
+    raise typer.Exit(
+        submit_(
+            _connect(server, api_key),
+            file,
+            endpoint=endpoint,
+            window=window,
+            metadata=metadata or [],
+            wait=wait,
+            output=output,
+            errors=errors,
+            json_out=json_out,
+        )
+    )
+
+
+@app.command()
+def status(
+    batch_id: Annotated[str, typer.Argument()],
+    json_out: JsonOpt = False,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Show one batch."""
+    from batchd.client_cli import status as status_
+
+    raise typer.Exit(status_(_connect(server, api_key), batch_id, json_out=json_out))
+
+
+@app.command("list")
+def list_batches(
+    limit: Annotated[int, typer.Option(min=1, max=100, help="How many, newest first")] = 20,
+    json_out: JsonOpt = False,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """List batches, newest first."""
+    from batchd.client_cli import list_batches as list_
+
+    raise typer.Exit(list_(_connect(server, api_key), limit=limit, json_out=json_out))
+
+
+@app.command()
+def cancel(
+    batch_id: Annotated[str, typer.Argument()],
+    json_out: JsonOpt = False,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Cancel a batch; lines already done stay in its results."""
+    from batchd.client_cli import cancel as cancel_
+
+    raise typer.Exit(cancel_(_connect(server, api_key), batch_id, json_out=json_out))
+
+
+@app.command()
+def download(
+    batch_id: Annotated[str, typer.Argument()],
+    output: OutputOpt = None,
+    errors: ErrorsOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the batch to its end first")] = False,
+    json_out: JsonOpt = False,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Download a finished batch's output and error files [default <batch id>.output.jsonl]."""
+    from batchd.client_cli import download as download_
+
+    conn = _connect(server, api_key)
+    raise typer.Exit(download_(conn, batch_id, output=output, errors=errors, wait=wait, json_out=json_out))
+
+
+files_app = typer.Typer(no_args_is_help=True, help="List or delete files on the server.")
+app.add_typer(files_app, name="files")
+
+
+@files_app.command("list")
+def files_list(
+    purpose: Annotated[str | None, typer.Option(help="Only files of this purpose")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
+    json_out: JsonOpt = False,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """List files, newest first."""
+    from batchd.client_cli import files_list as files_list_
+
+    raise typer.Exit(files_list_(_connect(server, api_key), purpose=purpose, limit=limit, json_out=json_out))
+
+
+@files_app.command("delete")
+def files_delete(
+    file_id: Annotated[str, typer.Argument()],
+    json_out: JsonOpt = False,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Delete a file."""
+    from batchd.client_cli import files_delete as files_delete_
+
+    raise typer.Exit(files_delete_(_connect(server, api_key), file_id, json_out=json_out))
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="The JSONL batch input file")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the output lines go")],
+    upstream: Annotated[
+        str | None,
+        typer.Option(
+            help="OpenAI-compatible base URL [env BATCHD_UPSTREAM_URL; default http://127.0.0.1:8000/v1]"
+        ),
+    ] = None,
+    errors: ErrorsOpt = None,
+    upstream_api_key: Annotated[
+        str | None, typer.Option(help="Bearer key for the upstream [env BATCHD_UPSTREAM_API_KEY]")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Most requests in flight [env BATCHD_UPSTREAM_CONCURRENCY; 64]")
+    ] = None,
+) -> None:
+    """Run a batch file straight against the upstream, no server needed. State lives in
+    OUTPUT.batchd/: run the same command again after Ctrl-C or a crash to resume."""
+    from rich.console import Console
+
+    from batchd.run_local import RunPaths
+    from batchd.run_local import run as run_
+
+    paths = RunPaths.of(file, output, errors)
+    settings = _settings(
+        data_dir=paths.state,
+        upstream_url=upstream,
+        upstream_api_key=upstream_api_key,
+        upstream_concurrency=concurrency,
+    )
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    raise typer.Exit(run_(paths, settings, Console(highlight=False, soft_wrap=True)))
 
 
 if __name__ == "__main__":

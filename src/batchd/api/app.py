@@ -13,15 +13,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchd import __version__
 from batchd.api import batches, errors, files
-from batchd.blobs import BlobStore
 from batchd.config import Settings
-from batchd.engine.identity import WorkerIdentity
-from batchd.engine.journal import JournalDir
-from batchd.engine.lanes import build_router
-from batchd.engine.worker import Worker
 from batchd.ids import request_id
-from batchd.store import Store
-from batchd.store.migrate import upgrade
+from batchd.runtime import open_runtime
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +47,17 @@ class RequestIdMiddleware:
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    await asyncio.to_thread(upgrade, settings.resolved_database_url)
-    store = Store.open(settings.resolved_database_url)
-    blobs = BlobStore.from_url(settings.storage_url, settings.blob_dir)
-    router = build_router(settings)
-    app.state.store, app.state.blobs = store, blobs
-    worker = None
-    if settings.run_worker:
-        identity = WorkerIdentity.claim(settings.data_dir)
-        journals = JournalDir(settings.data_dir / "journal" / identity.owner)
-        worker = Worker(settings, store, blobs, router, identity=identity, journals=journals)
-    task = asyncio.create_task(worker.run()) if worker else None
-    log.info("batchd ready", extra={"action": "start"})
-    try:
-        yield
-    finally:
-        if worker and task:
-            worker.stop.set()
-            worker.wake.set()
-            await task
-            worker.identity.release()
-        await router.aclose()
-        await store.close()
+    async with open_runtime(settings, with_worker=settings.run_worker) as rt:
+        app.state.store, app.state.blobs = rt.store, rt.blobs
+        task = asyncio.create_task(rt.worker.run()) if rt.worker else None
+        log.info("batchd ready", extra={"action": "start"})
+        try:
+            yield
+        finally:
+            if rt.worker and task:
+                rt.worker.stop.set()
+                rt.worker.wake.set()
+                await task
 
 
 def create_app(settings: Settings) -> FastAPI:
