@@ -52,8 +52,9 @@ def make_server(tmp_path: Path, backend: dict[str, str]) -> Iterator[Callable[..
     Servers started with the same ``name`` share a data directory (a restart)."""
     servers: list[Server] = []
 
-    def make(upstream_url: str, name: str = "data", **env: str) -> Server:
-        server = Server(tmp_path / name, upstream_url, {**backend, **{k.upper(): v for k, v in env.items()}})
+    def make(upstream_url: str, name: str = "data", command: str = "serve", **env: str) -> Server:
+        env = {**backend, **{k.upper(): v for k, v in env.items()}}
+        server = Server(tmp_path / name, upstream_url, env, command=command)
         servers.append(server.start())
         return server
 

@@ -98,7 +98,10 @@ def wait_until(check: Callable[[], Any], timeout: float, interval: float = 0.05,
 class Server:
     """``batchd serve`` in a subprocess on a free port, with its own data directory."""
 
-    def __init__(self, data_dir: Path, upstream_url: str, env: dict[str, str] | None = None):
+    def __init__(
+        self, data_dir: Path, upstream_url: str, env: dict[str, str] | None = None, command: str = "serve"
+    ):
+        self.command = command
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.data_dir = data_dir
@@ -117,14 +120,24 @@ class Server:
 
     def start(self) -> Server:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        level = "info" if self.command == "worker" else "warning"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchd", "serve", "--log-level", "warning"],
+            [sys.executable, "-m", "batchd", self.command, "--log-level", level],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        wait_until(self._healthy, 30, what="batchd /health")
+        if self.command == "worker":
+            wait_until(lambda: self._alive() and "ready" in self.log(), 30, what="batchd worker")
+        else:
+            wait_until(self._healthy, 30, what="batchd /health")
         return self
+
+    def _alive(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{self.command} exited {self.proc.returncode}:\n{self.log()}")
+        return True
 
     def _healthy(self) -> bool:
         assert self.proc is not None

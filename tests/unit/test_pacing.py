@@ -181,3 +181,16 @@ def test_router_splits_by_weight_and_skips_down_upstreams() -> None:
 
 def test_estimate_tokens() -> None:
     assert estimate_tokens(400, 50) == 150
+
+
+def test_workers_share_upstream_limits() -> None:
+    spec = UpstreamSpec(name="u", url="http://x", rpm=1200)
+    router = Router([(spec, MockUpstream(None))])  # type: ignore[arg-type]
+    lane = router.lanes("m")[0]
+    assert lane.rpm.per_minute == pytest.approx(1200 * 0.98)
+    router.set_share(1 / 3)
+    assert lane.rpm.per_minute == pytest.approx(400 * 0.98)
+    later = router.lanes("other-model")[0]  # lanes made later get the share too
+    assert later.rpm.per_minute == pytest.approx(400 * 0.98)
+    router.set_share(1.0)
+    assert lane.rpm.per_minute == pytest.approx(1200 * 0.98)

@@ -79,10 +79,27 @@ class Lane:
     paused_until: float = 0.0
     sent: int = 0
 
+    share: float = 1.0
+    limits: dict[str, float | None] = field(init=False)
+
     def __post_init__(self) -> None:
-        self.rpm = RateBudget(self.spec.rpm * SAFETY if self.spec.rpm else None, burst_seconds=0.5)
-        self.tpm = RateBudget(self.spec.tpm * SAFETY if self.spec.tpm else None, burst_seconds=0.5)
+        # The upstream's whole limits (configured, or learned from its headers); this worker
+        # spends ``share`` of them, so a fleet of workers stays within them together.
+        self.limits = {"requests": self.spec.rpm, "tokens": self.spec.tpm}
+        self.rpm = RateBudget(None, burst_seconds=0.5)
+        self.tpm = RateBudget(None, burst_seconds=0.5)
         self.window = ConcurrencyWindow(self.spec.max_concurrency)
+        self._apply()
+
+    def set_share(self, share: float) -> None:
+        if abs(share - self.share) > 1e-9:
+            self.share = share
+            self._apply()
+
+    def _apply(self) -> None:
+        for kind, budget in (("requests", self.rpm), ("tokens", self.tpm)):
+            limit = self.limits[kind]
+            budget.set_rate(limit * SAFETY * self.share if limit else None)
 
     async def admit(self, tokens: int) -> None:
         """Wait for a window slot, for the upstream to be up (or our turn to probe it), for a
@@ -135,7 +152,7 @@ class Lane:
     def _learn(self, headers: Mapping[str, str], now: float) -> None:
         """Use ``x-ratelimit-*``: an exhausted budget pauses until its reset, and limits we
         were not told about are taken from the upstream."""
-        for kind, budget in (("requests", self.rpm), ("tokens", self.tpm)):
+        for kind in ("requests", "tokens"):
             remaining = headers.get(f"x-ratelimit-remaining-{kind}")
             if remaining is not None and remaining.strip() in ("0", "0.0"):
                 reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
@@ -145,11 +162,12 @@ class Lane:
             configured = self.spec.rpm if kind == "requests" else self.spec.tpm
             if limit and configured is None:
                 try:
-                    learned = float(limit) * SAFETY
+                    learned = float(limit)
                 except ValueError:
                     continue
-                if budget.per_minute is None or abs(budget.per_minute - learned) > 1e-6:
-                    budget.set_rate(learned)
+                if learned > 0 and self.limits[kind] != learned:
+                    self.limits[kind] = learned
+                    self._apply()
 
 
 class Router:
@@ -160,6 +178,7 @@ class Router:
         self.health = {spec.name: Health() for spec, _ in upstreams}
         self._lanes: dict[str, list[Lane]] = {}
         self._current: dict[tuple[str, str], float] = {}
+        self.share = 1.0
 
     @property
     def capacity(self) -> int:
@@ -170,12 +189,20 @@ class Router:
         lanes = self._lanes.get(model)
         if lanes is None:
             lanes = [
-                Lane(spec, model, client, self.health[spec.name])
+                Lane(spec, model, client, self.health[spec.name], share=self.share)
                 for spec, client in self.upstreams
                 if spec.serves(model)
             ]
+            for lane in lanes:
+                lane._apply()
             self._lanes[model] = lanes
         return lanes
+
+    def set_share(self, share: float) -> None:
+        """This worker's part of every upstream's limits (1/N with N active workers)."""
+        self.share = share
+        for lane in self.all_lanes():
+            lane.set_share(share)
 
     def all_lanes(self) -> list[Lane]:
         return [lane for lanes in self._lanes.values() for lane in lanes]

@@ -78,6 +78,7 @@ class Worker:
             asyncio.create_task(self._every(self.settings.checkpoint_interval, self._checkpoint_all)),
             asyncio.create_task(self._every(self.settings.lease_seconds / 3, self._heartbeat)),
             asyncio.create_task(self._every(self.settings.poll_interval, self._watch_batches)),
+            asyncio.create_task(self._every(1.0, self._share_budget)),
             asyncio.create_task(self._every(30.0, self._purge)),
             asyncio.create_task(self._every(self.settings.janitor_interval, self._sweep, at_start=True)),
         ]
@@ -166,6 +167,8 @@ class Worker:
         leased = await self.store.lease_chunks(self.owner, time.time(), self.settings.lease_seconds, room)
         for chunk in leased:
             self._spawn(self._run_chunk(chunk))
+        if leased:
+            await self._share_budget()
 
     async def _start_validation(self) -> None:
         if self._validating:
@@ -316,6 +319,12 @@ class Worker:
         for run in list(self.runs.values()):
             if run.buffered:
                 await self._checkpoint(run)
+
+    async def _share_budget(self) -> None:
+        """Split every upstream's rate limits evenly among the workers that are sending."""
+        if self.runs:
+            active = await self.store.active_workers(time.time())
+            self.router.set_share(1.0 / max(1, active))
 
     async def _heartbeat(self) -> None:
         held = [(r.batch.id, r.chunk["idx"], r.generation) for r in self.runs.values()]

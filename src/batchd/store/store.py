@@ -397,6 +397,14 @@ class Store:
                     lost.add((batch_id, idx))
         return lost
 
+    async def active_workers(self, now: float) -> int:
+        """Workers holding a live chunk lease: the ones spending upstream budget now."""
+        q = select(func.count(func.distinct(chunks.c.lease_owner))).where(
+            chunks.c.state == "leased", chunks.c.lease_expires_at >= now
+        )
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(q)).scalar() or 0)
+
     async def done_bitmaps(self, batch_id: str, idx: int) -> list[bytes]:
         q = select(result_parts.c.done_bitmap).where(
             result_parts.c.batch_id == batch_id, result_parts.c.chunk_idx == idx
