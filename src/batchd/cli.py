@@ -367,6 +367,7 @@ def run(
         upstream_api_key=upstream_api_key,
         upstream_concurrency=concurrency,
     )
+    _check_upstreams(settings)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     raise typer.Exit(run_(paths, settings, Console(highlight=False, soft_wrap=True)))
 
