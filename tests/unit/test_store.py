@@ -72,15 +72,6 @@ async def _seed(store: Store, chunks: int = 2, expires_at: int = 2_000_000_000) 
         output_expires_seconds=None,
         created_at=1,
         expires_at=expires_at,
-        total=0,
-        completed=0,
-        failed=0,
-        input_tokens=0,
-        cached_tokens=0,
-        output_tokens=0,
-        reasoning_tokens=0,
-        total_tokens=0,
-        chunk_count=0,
     )
     job = await store.claim_validation("v", 100.0, 30)
     assert job is not None and job["id"] == "batch_1"

@@ -76,7 +76,6 @@ async def create_batch(
         id=batch_id(),
         project=project,
         endpoint=req.endpoint,
-        model=None,
         input_file_id=req.input_file_id,
         completion_window=req.completion_window,
         status="validating",
@@ -84,15 +83,6 @@ async def create_batch(
         output_expires_seconds=req.output_expires_after.seconds if req.output_expires_after else None,
         created_at=now,
         expires_at=now + windows[req.completion_window],
-        total=0,
-        completed=0,
-        failed=0,
-        input_tokens=0,
-        cached_tokens=0,
-        output_tokens=0,
-        reasoning_tokens=0,
-        total_tokens=0,
-        chunk_count=0,
     )
     return batch_object(row)
 
