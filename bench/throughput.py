@@ -40,7 +40,7 @@ from typing import Any
 import aiohttp
 import openai
 import orjson
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
@@ -128,6 +128,16 @@ class Proc:
     def log_tail(self, n: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
 
+    def new_errors(self, pos: int) -> tuple[int, list[str]]:
+        """(new end position, ERROR/Traceback lines with context) in the log after ``pos``."""
+        with self.log_path.open("rb") as f:
+            f.seek(pos)
+            data = f.read(8 * 2**20)
+        lines = data.decode(errors="replace").splitlines()
+        hits = [i for i, ln in enumerate(lines) if " ERROR " in ln or ln.startswith("Traceback")]
+        context = [ln for i in hits[:2] for ln in lines[i : i + 6]]
+        return pos + len(data), context
+
     def cpu_seconds(self) -> float:
         """User+system CPU of the process and its children so far (0 once it is gone)."""
         total = 0.0
@@ -160,7 +170,7 @@ class RssSampler(threading.Thread):
         self.interval = interval
         self.peak = 0
         self.samples = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def sample(self) -> None:
         total = 0
@@ -172,12 +182,12 @@ class RssSampler(threading.Thread):
         self.samples += 1
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.sample()
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
 
@@ -229,6 +239,7 @@ def run_batchd(
         upload_s = time.monotonic() - t
 
         cpu0_server, cpu0_fake = server.cpu_seconds(), fake.cpu_seconds()
+        load_before = os.getloadavg()[0]
         t0 = time.monotonic()
         batch = client.batches.create(
             input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
@@ -237,10 +248,17 @@ def run_batchd(
             profiler = start_profiler(args, server.pid)
         seen_in_progress: float | None = None
         deadline = t0 + args.timeout
+        log_pos, next_log_check = 0, t0 + 1.0
         while batch.status not in TERMINAL:
             if time.monotonic() > deadline:
                 raise BenchError(f"batch still {batch.status} after {args.timeout}s")
             server.check_alive()
+            if not args.allow_log_errors and time.monotonic() >= next_log_check:
+                # A server that logs errors while it runs is wrong, not slow: stop early.
+                log_pos, bad = server.new_errors(log_pos)
+                if bad:
+                    raise BenchError("server logged errors during the run:\n" + "\n".join(bad[:12]))
+                next_log_check = time.monotonic() + 1.0
             time.sleep(args.poll)
             batch = client.batches.retrieve(batch.id)
             if seen_in_progress is None and batch.status != "validating":
@@ -248,6 +266,7 @@ def run_batchd(
         wall = time.monotonic() - t0
         cpu_server = server.cpu_seconds() - cpu0_server
         cpu_fake = fake.cpu_seconds() - cpu0_fake
+        load_after = os.getloadavg()[0]
         sampler.sample()
 
         stats = get_json(fake_url + "/_fake/stats")
@@ -273,6 +292,7 @@ def run_batchd(
             rss_samples=sampler.samples,
             server_cpu_s=cpu_server,
             fake_cpu_s=cpu_fake,
+            load_1min=(load_before, load_after),
             fake_requests=stats["requests"],
             fake_repeated_bodies=stats["repeated_bodies"],
             fake_by_status=stats["by_status"],
@@ -373,18 +393,21 @@ async def _ceiling(url: str, bodies: list[bytes], concurrency: int) -> tuple[flo
         return time.monotonic() - t0, bad
 
 
-def run_ceiling(fake_url: str, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
+def run_ceiling(fake_url: str, bodies: list[bytes], concurrency: int, fake: Proc) -> dict[str, Any]:
     try:
         import uvloop
 
         loop_factory: Any = uvloop.new_event_loop  # uvicorn (batchd serve) runs on uvloop too
     except ImportError:
         loop_factory = None
+    me = psutil.Process()
+    cpu0_me, cpu0_fake = sum(me.cpu_times()[:2]), fake.cpu_seconds()
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         wall, bad = runner.run(_ceiling(fake_url + "/v1/chat/completions", bodies, concurrency))
+    cpu_me, cpu_fake = sum(me.cpu_times()[:2]) - cpu0_me, fake.cpu_seconds() - cpu0_fake
     if bad:
         raise BenchError(f"ceiling: {bad} non-200 answers from the fake upstream")
-    return {"wall_s": wall, "lines_per_s": len(bodies) / wall}
+    return {"wall_s": wall, "lines_per_s": len(bodies) / wall, "client_cpu_s": cpu_me, "fake_cpu_s": cpu_fake}
 
 
 # --------------------------------------------------------------------------- report
@@ -392,6 +415,7 @@ def run_ceiling(fake_url: str, bodies: list[bytes], concurrency: int) -> dict[st
 
 def report(args: argparse.Namespace, size: int, b: dict[str, Any], c: dict[str, Any] | None) -> None:
     rows = [
+        ("batchd revision", git_revision()),
         ("lines", f"{args.lines:,}"),
         ("input file", f"{size / 1e6:.1f} MB"),
         ("upstream concurrency", str(args.concurrency)),
@@ -403,8 +427,15 @@ def report(args: argparse.Namespace, size: int, b: dict[str, Any], c: dict[str, 
         ("upload", f"{b['upload_mb_s']:.1f} MB/s ({b['upload_s']:.2f} s)"),
         ("download output+error", f"{b['output_mb']:.1f} MB in {b['download_s']:.2f} s"),
         ("peak RSS of server", f"{b['peak_rss_mb']:.0f} MB"),
-        ("server CPU during run", f"{b['server_cpu_s']:.1f} s ({b['server_cpu_s'] / b['wall_s']:.0%} of one core)"),
-        ("fake upstream CPU during run", f"{b['fake_cpu_s']:.1f} s ({b['fake_cpu_s'] / b['wall_s']:.0%} of one core)"),
+        (
+            "server CPU during run",
+            f"{b['server_cpu_s']:.1f} s ({b['server_cpu_s'] / b['wall_s']:.0%} of one core)",
+        ),
+        (
+            "fake upstream CPU during run",
+            f"{b['fake_cpu_s']:.1f} s ({b['fake_cpu_s'] / b['wall_s']:.0%} of one core)",
+        ),
+        ("load average (1 min) before / after", "{:.1f} / {:.1f}".format(*b["load_1min"])),
         ("FakeUpstream requests", f"{b['fake_requests']:,}"),
         ("FakeUpstream repeated_bodies", f"{b['fake_repeated_bodies']:,}"),
         ("output / error lines", f"{b['output_lines']:,} / {b['error_lines']:,}"),
@@ -414,6 +445,7 @@ def report(args: argparse.Namespace, size: int, b: dict[str, Any], c: dict[str, 
     if c is not None:
         rows += [
             ("ceiling: bare aiohttp loop lines/s", f"{c['lines_per_s']:,.0f} ({c['wall_s']:.1f} s)"),
+            ("ceiling: client / fake upstream CPU", f"{c['client_cpu_s']:.1f} s / {c['fake_cpu_s']:.1f} s"),
             ("batchd / ceiling", f"{b['lines_per_s'] / c['lines_per_s']:.2f}"),
         ]
     try:
@@ -432,18 +464,45 @@ def report(args: argparse.Namespace, size: int, b: dict[str, Any], c: dict[str, 
             print(f"{k:<{width}}  {v}")
 
 
+def git_revision() -> str:
+    """Short HEAD commit of the checkout, with ``+dirty`` when src/ has uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lines", type=int, default=100_000)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the batch")
-    p.add_argument("--poll", type=float, default=0.1, help="batch polling interval, seconds")
+    p.add_argument("--poll", type=float, default=0.2, help="batch polling interval, seconds")
     p.add_argument("--no-ceiling", action="store_true", help="skip the bare aiohttp ceiling")
-    p.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
-                   help="also record the server with py-spy for SECONDS after the batch is created")
+    p.add_argument(
+        "--py-spy",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="also record the server with py-spy for SECONDS after the batch is created",
+    )
     p.add_argument("--py-spy-out", default="/tmp/batchd-prof.txt", help="py-spy raw output file")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
+    p.add_argument(
+        "--allow-log-errors", action="store_true", help="do not stop the run when the server logs an ERROR"
+    )
     args = p.parse_args(argv)
 
     # SIGTERM/SIGHUP unwind like Ctrl-C, so the finally below stops the subprocesses.
@@ -486,16 +545,30 @@ def main(argv: list[str] | None = None) -> int:
         c = None
         if not args.no_ceiling:
             get_json(fake_url + "/_fake/reset", method="POST")
-            c = run_ceiling(fake_url, bodies, args.concurrency)
+            c = run_ceiling(fake_url, bodies, args.concurrency, fake)
         report(args, size, b, c)
         if args.json:
             Path(args.json).write_text(
-                json.dumps({"lines": args.lines, "concurrency": args.concurrency,
-                            "input_bytes": size, "cores": os.cpu_count(),
-                            "batchd": b, "ceiling": c}, indent=2, default=str)
+                json.dumps(
+                    {
+                        "lines": args.lines,
+                        "concurrency": args.concurrency,
+                        "revision": git_revision(),
+                        "input_bytes": size,
+                        "cores": os.cpu_count(),
+                        "batchd": b,
+                        "ceiling": c,
+                    },
+                    indent=2,
+                    default=str,
+                )
             )
         if b["server_log_errors"]:
-            print(f"server log has {b['server_log_errors']} ERROR lines, e.g.:", *b["server_log_sample"], sep="\n")
+            print(
+                f"server log has {b['server_log_errors']} ERROR lines, e.g.:",
+                *b["server_log_sample"],
+                sep="\n",
+            )
             return 1
         ok = True
         return 0
