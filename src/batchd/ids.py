@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import string
 
@@ -16,12 +17,18 @@ def batch_id() -> str:
     return "batch_" + secrets.token_hex(16)
 
 
+# Per-line ids are made on the hot path: a random per-process prefix and a counter are unique
+# across processes and cost no system call (secrets.token_hex reads os.urandom every time).
+_PREFIX = secrets.token_hex(8)
+_counter = itertools.count(secrets.randbelow(1 << 32))
+
+
 def request_line_id() -> str:
-    return "batch_req_" + secrets.token_hex(16)
+    return f"batch_req_{_PREFIX}{next(_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def request_id() -> str:
-    return "req_" + secrets.token_hex(16)
+    return f"req_{_PREFIX}{next(_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def worker_id() -> str:

@@ -90,7 +90,7 @@ def test_window_blocks_at_its_size() -> None:
         task = asyncio.create_task(third())
         await asyncio.sleep(0)
         events.append("released")
-        await w.release()
+        w.release()
         await task
         return events
 

@@ -97,7 +97,8 @@ async def send_line(
         if left <= 0:
             return None
         try:
-            await asyncio.wait_for(lane.admit(req.tokens), left)
+            async with asyncio.timeout(left):
+                await lane.admit(req.tokens)
         except TimeoutError:
             return None
         if stopping():

@@ -120,18 +120,18 @@ class Lane:
                 await asyncio.sleep(delay)
             self.sent += 1
         except BaseException:
-            await self.window.release()
+            self.window.release()
             raise
 
     async def abandon(self) -> None:
         """Admitted but not sent (the batch is stopping)."""
-        await self.window.release()
+        self.window.release()
 
     async def finish(
         self, status: int | None, headers: Mapping[str, str], tokens: int, used: int | None, timed_out: bool
     ) -> None:
         """Learn from one outcome: window, health, pauses, budgets."""
-        await self.window.release()
+        self.window.release()
         now = time.monotonic()
         retry_after = parse_retry_after(headers, time.time())
         if retry_after is not None and status is not None and (status == 429 or status >= 500):

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import time
 from collections.abc import Callable
@@ -73,24 +74,42 @@ class ConcurrencyWindow:
         self.in_flight = 0
         self.clock = clock
         self._last_decrease = -math.inf
-        self._cond = asyncio.Condition()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
     def size(self) -> int:
         return max(self.minimum, int(self.limit))
 
     async def acquire(self) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.in_flight < self.size)
+        """Take a slot; no task, lock or timer on the fast path (this runs once per line)."""
+        if self.in_flight < self.size and not self._waiters:
             self.in_flight += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # the slot was handed to us as we were cancelled: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
 
-    async def release(self) -> None:
-        async with self._cond:
-            self.in_flight -= 1
-            self._cond.notify_all()
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < self.size:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
 
     def on_success(self) -> None:
         self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+        self._wake()
 
     def on_overload(self, cooldown: float = 1.0) -> None:
         """Halve, at most once per ``cooldown``: one burst of 429s is one signal, not many."""

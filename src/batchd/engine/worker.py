@@ -276,6 +276,9 @@ class Worker:
             except Exception:
                 log.exception("sending a line failed", extra={"batch_id": run.batch.id})
                 run.record(idx, None)
+                # A fault that repeats for every line must not turn into a hot loop of
+                # release, re-lease and fail: each failing sender rests a moment.
+                await asyncio.sleep(1.0)
 
     async def _batch_info(self, batch_id: str) -> BatchInfo:
         info = self._batches.get(batch_id)
