@@ -89,7 +89,7 @@ def serve(
     config: Annotated[
         Path | None,
         typer.Option(
-            help="batchd.toml with [[upstreams]] (several upstreams, per-model routing) [env BATCHD_CONFIG]"
+            help="batchd.toml listing upstreams (several upstreams, per-model routing) [env BATCHD_CONFIG]"
         ),
     ] = None,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Serve the API only; run no worker")] = False,
@@ -352,6 +352,13 @@ def run(
     concurrency: Annotated[
         int | None, typer.Option(help="Most requests in flight [env BATCHD_UPSTREAM_CONCURRENCY; 64]")
     ] = None,
+    rpm: Annotated[
+        int | None, typer.Option(help="Upstream requests/minute [env BATCHD_UPSTREAM_RPM]")
+    ] = None,
+    tpm: Annotated[int | None, typer.Option(help="Upstream tokens/minute [env BATCHD_UPSTREAM_TPM]")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="batchd.toml listing upstreams [env BATCHD_CONFIG]")
+    ] = None,
 ) -> None:
     """Run a batch file straight against the upstream, no server needed. State lives in
     OUTPUT.batchd/: run the same command again after Ctrl-C or a crash to resume."""
@@ -366,6 +373,9 @@ def run(
         upstream_url=upstream,
         upstream_api_key=upstream_api_key,
         upstream_concurrency=concurrency,
+        upstream_rpm=rpm,
+        upstream_tpm=tpm,
+        config=config,
     )
     _check_upstreams(settings)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
