@@ -8,6 +8,7 @@ by default) chooses which run.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -25,7 +26,22 @@ BUCKET = "batchd-test"
 
 
 def enabled() -> list[str]:
-    return [b.strip() for b in os.environ.get("BATCHD_TEST_BACKENDS", "sqlite,pg").split(",") if b.strip()]
+    """``BATCHD_TEST_BACKENDS`` when set (CI sets ``sqlite,pg``, so a missing PostgreSQL fails
+    loudly there); otherwise both when PostgreSQL answers, else SQLite alone."""
+    given = os.environ.get("BATCHD_TEST_BACKENDS")
+    if given:
+        return [b.strip() for b in given.split(",") if b.strip()]
+    return ["sqlite", "pg"] if _pg_reachable() else ["sqlite"]
+
+
+@functools.cache
+def _pg_reachable() -> bool:
+    if shutil.which("psql") is None:
+        return False
+    probe = subprocess.run(
+        ["psql", PG_ADMIN + "/postgres", "-q", "-c", "select 1"], capture_output=True, timeout=10
+    )
+    return probe.returncode == 0
 
 
 def _psql(sql: str) -> None:
