@@ -150,3 +150,34 @@ def test_unserved_model_is_a_404_line() -> None:
     obj = json.loads(result.line)
     assert obj["response"]["status_code"] == 404
     assert obj["response"]["body"]["error"]["code"] == "model_not_found"
+
+
+def test_429s_do_not_spend_attempts() -> None:
+    async def handler(n: int) -> UpstreamResponse:
+        if n <= 10:
+            return UpstreamResponse(429, b"{}", {"retry-after-ms": "1"})
+        return UpstreamResponse(200, b'{"ok": true}')
+
+    result, calls = _send(handler, policy=SendPolicy(request_timeout=5, max_attempts=3))
+    assert result is not None and result.ok and calls == 11
+
+
+def test_http_upstream_passes_rate_limit_headers_to_the_lane() -> None:
+    """The lane learns limits only if the client hands the x-ratelimit-* headers through."""
+    from batchd.testing import FakeUpstream
+    from batchd.upstreams.http import HttpUpstream
+
+    async def go(url: str) -> UpstreamResponse:
+        client = HttpUpstream(url, None, 4)
+        try:
+            return await client.send("/chat/completions", b'{"model": "m", "messages": []}', 5)
+        finally:
+            await client.aclose()
+
+    with FakeUpstream.start_in_thread(rpm=600) as fu:
+        resp = asyncio.run(go(fu.base_url))
+    assert resp.status == 200
+    assert resp.headers["x-ratelimit-limit-requests"] == "600"
+    assert "x-ratelimit-remaining-requests" in resp.headers and resp.headers["x-request-id"].startswith(
+        "req_"
+    )

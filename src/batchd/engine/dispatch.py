@@ -86,8 +86,8 @@ async def send_line(
     or its deadline came before a transient fault cleared (it then ends as ``batch_expired``
     or ``batch_cancelled``, never as a failure it did not earn).
 
-    Failures while the upstream is down (every request failing) do not spend the line's
-    attempts: an outage pauses the lane and lines wait for it, until the deadline."""
+    Failures while the upstream is down (every request failing) and 429s do not spend the
+    line's attempts: the lane pauses and lines wait, until the deadline."""
     attempt = 0
     while True:
         lane = router.pick(req.model)
@@ -110,14 +110,14 @@ async def send_line(
         status = resp.status if resp is not None else None
         if resp is not None and not is_retryable(status):
             return http_result(req.custom_id, resp)
-        if not lane.health.down:
-            attempt += 1
+        # An outage (the upstream fails everything) or a 429 ("slow down") costs the line time,
+        # not attempts: it waits, until the deadline; only faults of a working upstream count.
+        counted = not lane.health.down and status != 429
+        attempt += counted
         choice = decide(
             status=status,
             attempt=max(attempt, 1),
-            max_attempts=policy.max_attempts
-            if not lane.health.down
-            else max(policy.max_attempts, attempt + 2),
+            max_attempts=policy.max_attempts if counted else attempt + 2,
             retry_after=parse_retry_after(resp.headers, time.time()) if resp is not None else None,
             now=time.time(),
             deadline=deadline,

@@ -37,7 +37,11 @@ class HttpUpstream:
                 self.base_url + path, data=body, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 data = await resp.read()
-                headers = {h: resp.headers[h] for h in _KEEP_HEADERS if h in resp.headers}
+                headers = {
+                    k.lower(): v
+                    for k, v in resp.headers.items()
+                    if k.lower() in _KEEP_HEADERS or k.lower().startswith("x-ratelimit-")
+                }
                 return UpstreamResponse(resp.status, data, headers)
         except TimeoutError as exc:
             raise UpstreamTimeout(f"no answer within {timeout:.1f}s") from exc
