@@ -15,10 +15,11 @@ from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd.store.engine import make_engine
-from batchd.store.tables import batches, chunks, files, result_parts
+from batchd.store.tables import api_keys, batches, chunks, files, projects, result_parts
 
 Row = dict[str, Any]
 ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+QUOTA_COLUMNS = ("max_stored_bytes", "max_active_batches", "max_queued_lines", "max_queued_tokens")
 
 
 @dataclass(frozen=True)
@@ -584,6 +585,89 @@ class Store:
         )
         async with self.engine.connect() as conn:
             return [(k, n) for k, n in await conn.execute(q)]
+
+    # ------------------------------------------------------------------ keys and projects
+
+    async def create_api_key(self, **values: Any) -> Row:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(api_keys).values(**values))
+        return {**values, "revoked_at": None}
+
+    async def find_api_key(self, key_hash: str) -> Row | None:
+        """The key with this hash, revoked or not."""
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(select(api_keys).where(api_keys.c.key_hash == key_hash))).first()
+        return _row(r) if r else None
+
+    async def count_live_api_keys(self) -> int:
+        q = select(func.count()).select_from(api_keys).where(api_keys.c.revoked_at.is_(None))
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(q)).scalar_one())
+
+    async def list_api_keys(self, project: str | None = None) -> list[Row]:
+        q = select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id)
+        if project is not None:
+            q = q.where(api_keys.c.project == project)
+        async with self.engine.connect() as conn:
+            return [_row(r) for r in await conn.execute(q)]
+
+    async def revoke_api_key(self, key_id: str, now: int) -> Row | None:
+        """Revoke a key (idempotent); None when there is no such key."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            r = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+        return _row(r) if r else None
+
+    async def project_quota_overrides(self, project: str) -> Row:
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(select(projects).where(projects.c.name == project))).first()
+        row = _row(r) if r else {}
+        return {c: row.get(c) for c in QUOTA_COLUMNS}
+
+    async def set_project_quotas(self, project: str, overrides: dict[str, int | None], now: int) -> Row:
+        """Set (or clear, with None) the given overrides; others are left as they are."""
+        values = {k: v for k, v in overrides.items() if k in QUOTA_COLUMNS}
+        async with self.engine.begin() as conn:
+            exists = (await conn.execute(select(projects.c.name).where(projects.c.name == project))).first()
+            if exists is None:
+                await conn.execute(insert(projects).values(name=project, created_at=now, **values))
+            elif values:
+                await conn.execute(update(projects).where(projects.c.name == project).values(**values))
+        return await self.project_quota_overrides(project)
+
+    async def project_usage(self, project: str) -> Row:
+        """What a project holds now: stored bytes, active batches, and the lines and estimated
+        tokens its active batches have not finished yet."""
+        stored = select(func.coalesce(func.sum(files.c.bytes), 0)).where(
+            files.c.project == project, files.c.deleted_at.is_(None)
+        )
+        active = (
+            select(
+                batches.c.total, batches.c.completed, batches.c.failed, files.c.line_count, files.c.est_tokens
+            )
+            .join(files, files.c.id == batches.c.input_file_id)
+            .where(batches.c.project == project, batches.c.status.in_(ACTIVE_STATUSES))
+        )
+        lines = tokens = n_active = 0
+        async with self.engine.connect() as conn:
+            stored_bytes = int((await conn.execute(stored)).scalar_one())
+            for total, completed, failed, line_count, est in await conn.execute(active):
+                n_active += 1
+                planned = total or line_count or 0
+                left = max(0, planned - (completed or 0) - (failed or 0))
+                lines += left
+                if planned and est:
+                    tokens += est * left // planned
+        return {
+            "stored_bytes": stored_bytes,
+            "active_batches": n_active,
+            "queued_lines": lines,
+            "queued_tokens": tokens,
+        }
 
     # --------------------------------------------------------------------------- helpers
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Float,
     Index,
@@ -41,6 +42,9 @@ files = Table(
     Column("batch_id", String(64)),
     Column("stream", String(8)),
     Column("deleted_at", BigInteger),
+    # Uploads only, for quotas: physical lines, and an estimate of their tokens (bytes / 4).
+    Column("line_count", BigInteger),
+    Column("est_tokens", BigInteger),
 )
 Index("ix_files_project_seq", files.c.project, files.c.seq)
 
@@ -121,3 +125,30 @@ result_parts = Table(
     Column("done_bitmap", LargeBinary, nullable=False),
 )
 Index("ix_result_parts_batch_chunk", result_parts.c.batch_id, result_parts.c.chunk_idx)
+
+# API keys: only the sha256 of the secret is kept; ``prefix`` is what lists show.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("project", String(128), nullable=False),
+    Column("name", Text),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("prefix", String(32), nullable=False),
+    Column("is_admin", Boolean, nullable=False, default=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger),
+)
+
+# Projects exist implicitly (a key names one); a row holds an admin's quota overrides,
+# each NULL meaning "the server's setting".
+projects = Table(
+    "projects",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("max_stored_bytes", BigInteger),
+    Column("max_active_batches", BigInteger),
+    Column("max_queued_lines", BigInteger),
+    Column("max_queued_tokens", BigInteger),
+    Column("created_at", BigInteger, nullable=False),
+)
