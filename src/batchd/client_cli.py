@@ -204,8 +204,8 @@ class _CountingReader(io.FileIO):
 
 
 def upload(client: openai.OpenAI, path: Path, ui: Console) -> FileObject:
-    """One ``files.create`` for small files; ``/v1/uploads`` in parts for big ones when the
-    server offers it (batchd does not yet, so it falls back and says so)."""
+    """One ``files.create`` for small files; ``/v1/uploads`` in 64 MiB parts for big ones
+    (falls back to one request, and says so, when the server has no ``/v1/uploads``)."""
     size = path.stat().st_size
     if size > CHUNKED_UPLOAD_BYTES:
         chunked = _upload_chunked(client, path, size, ui)

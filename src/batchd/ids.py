@@ -33,3 +33,11 @@ def request_id() -> str:
 
 def worker_id() -> str:
     return "wkr_" + secrets.token_hex(8)
+
+
+def upload_id() -> str:
+    return "upload_" + secrets.token_hex(12)
+
+
+def part_id() -> str:
+    return "part_" + secrets.token_hex(12)

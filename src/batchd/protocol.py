@@ -162,3 +162,41 @@ LINE_ERROR_MESSAGES = {
     # batchd extension: the upstream could not be reached at all, after all retries.
     "upstream_unreachable": "The upstream could not be reached for this request, after all retries.",
 }
+
+
+# ------------------------------------------------------------------------------- uploads
+
+UPLOAD_TTL = 3600
+MAX_PART_BYTES = 64 * 1024**2
+
+
+class Upload(BaseModel):
+    id: str
+    object: Literal["upload"] = "upload"
+    bytes: int
+    created_at: int
+    expires_at: int
+    filename: str
+    purpose: str
+    status: Literal["pending", "completed", "cancelled", "expired"]
+    file: FileObject | None = None
+
+
+class UploadPart(BaseModel):
+    id: str
+    object: Literal["upload.part"] = "upload.part"
+    created_at: int
+    upload_id: str
+
+
+class CreateUploadRequest(BaseModel):
+    filename: str
+    purpose: str
+    bytes: int = Field(ge=0)
+    mime_type: str
+    expires_after: ExpiresAfter | None = None
+
+
+class CompleteUploadRequest(BaseModel):
+    part_ids: list[str]
+    md5: str | None = None

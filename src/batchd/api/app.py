@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchd import __version__
-from batchd.api import batches, errors, files
+from batchd.api import batches, errors, files, uploads
 from batchd.config import Settings
 from batchd.ids import request_id
 from batchd.runtime import open_runtime
@@ -72,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     app.include_router(files.router, prefix="/v1")
     app.include_router(batches.router, prefix="/v1")
+    app.include_router(uploads.router, prefix="/v1")
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:

@@ -62,3 +62,13 @@ async def sweep_batch_parts(store: Store, blobs: BlobStore, batch_id: str) -> in
             await blobs.delete(key)
             removed += 1
     return removed
+
+
+async def purge_uploads(store: Store, blobs: BlobStore) -> int:
+    """Expire pending uploads past their hour and delete the parts of ended uploads."""
+    cleaned = 0
+    for u in await store.uploads_to_clean(int(time.time())):
+        for key in await store.drop_upload_parts(u["id"], expire=u["status"] == "pending"):
+            await blobs.delete(key)
+        cleaned += 1
+    return cleaned

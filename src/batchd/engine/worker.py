@@ -23,7 +23,7 @@ from batchd.engine.chunk_run import BatchInfo, ChunkRun, bitmap_to_int
 from batchd.engine.dispatch import LineRequest, SendPolicy, send_line
 from batchd.engine.finalize import finalize_batch
 from batchd.engine.identity import WorkerIdentity
-from batchd.engine.janitor import purge_files, sweep_orphans
+from batchd.engine.janitor import purge_files, purge_uploads, sweep_orphans
 from batchd.engine.journal import JournalDir, JournalKey, read_journal
 from batchd.engine.lanes import Router, estimate_tokens
 from batchd.engine.validation import validate_next
@@ -349,6 +349,7 @@ class Worker:
 
     async def _purge(self) -> None:
         await purge_files(self.store, self.blobs)
+        await purge_uploads(self.store, self.blobs)
 
     async def _sweep(self) -> None:
         await sweep_orphans(self.store, self.blobs, self.settings.orphan_grace)

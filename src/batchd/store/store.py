@@ -15,7 +15,16 @@ from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd.store.engine import make_engine
-from batchd.store.tables import api_keys, batches, chunks, files, projects, result_parts
+from batchd.store.tables import (
+    api_keys,
+    batches,
+    chunks,
+    files,
+    projects,
+    result_parts,
+    upload_parts,
+    uploads,
+)
 
 Row = dict[str, Any]
 ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
@@ -668,6 +677,87 @@ class Store:
             "queued_lines": lines,
             "queued_tokens": tokens,
         }
+
+    # --------------------------------------------------------------------------- uploads
+
+    async def insert_upload(self, **values: Any) -> Row:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(uploads).values(**values))
+        return {**values, "file_id": None}
+
+    async def get_upload(self, project: str, upload_id: str) -> Row | None:
+        q = select(uploads).where(uploads.c.id == upload_id, uploads.c.project == project)
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(q)).first()
+        return _row(r) if r else None
+
+    async def add_upload_part(self, **values: Any) -> bool:
+        """Record a stored part; False when the upload is no longer pending."""
+        async with self.engine.begin() as conn:
+            status = (
+                await conn.execute(select(uploads.c.status).where(uploads.c.id == values["upload_id"]))
+            ).scalar()
+            if status != "pending":
+                return False
+            await conn.execute(insert(upload_parts).values(**values))
+        return True
+
+    async def upload_parts_of(self, upload_id: str) -> list[Row]:
+        q = select(upload_parts).where(upload_parts.c.upload_id == upload_id)
+        async with self.engine.connect() as conn:
+            return [_row(r) for r in await conn.execute(q)]
+
+    async def end_upload(self, upload_id: str, status: str, file_row: Row | None = None) -> bool:
+        """pending -> ``status`` (with the assembled file's row, inserted in the same
+        transaction); False when the upload was no longer pending."""
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                update(uploads)
+                .where(uploads.c.id == upload_id, uploads.c.status == "pending")
+                .values(status=status, file_id=file_row["id"] if file_row else None)
+            )
+            if res.rowcount != 1:
+                return False
+            if file_row is not None:
+                await conn.execute(insert(files).values(**file_row))
+        return True
+
+    async def uploads_to_clean(self, now: int, limit: int = 100) -> list[Row]:
+        """Pending uploads past their expiry, and ended uploads that still have parts."""
+        has_parts = select(upload_parts.c.upload_id)
+        q = (
+            select(uploads)
+            .where(
+                or_(
+                    and_(uploads.c.status == "pending", uploads.c.expires_at <= now),
+                    and_(uploads.c.status != "pending", uploads.c.id.in_(has_parts)),
+                )
+            )
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [_row(r) for r in await conn.execute(q)]
+
+    async def drop_upload_parts(self, upload_id: str, expire: bool) -> list[str]:
+        """Forget an ended upload's parts (expiring it first if asked); returns their blob keys."""
+        async with self.engine.begin() as conn:
+            if expire:
+                await conn.execute(
+                    update(uploads)
+                    .where(uploads.c.id == upload_id, uploads.c.status == "pending")
+                    .values(status="expired")
+                )
+            status = (await conn.execute(select(uploads.c.status).where(uploads.c.id == upload_id))).scalar()
+            if status == "pending":
+                return []
+            keys = [
+                k
+                for (k,) in await conn.execute(
+                    select(upload_parts.c.blob_key).where(upload_parts.c.upload_id == upload_id)
+                )
+            ]
+            await conn.execute(delete(upload_parts).where(upload_parts.c.upload_id == upload_id))
+        return keys
 
     # --------------------------------------------------------------------------- helpers
 

@@ -152,3 +152,33 @@ projects = Table(
     Column("max_queued_tokens", BigInteger),
     Column("created_at", BigInteger, nullable=False),
 )
+
+# Uploads API: an upload collects parts (each its own blob) until it is completed into a file.
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("project", String(128), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("mime_type", Text, nullable=False),
+    Column("file_expires_seconds", BigInteger),
+    # pending -> completed | cancelled | expired
+    Column("status", String(16), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("file_id", String(64)),
+)
+Index("ix_uploads_status_expires", uploads.c.status, uploads.c.expires_at)
+
+upload_parts = Table(
+    "upload_parts",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("upload_id", String(64), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("blob_key", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+Index("ix_upload_parts_upload", upload_parts.c.upload_id)
