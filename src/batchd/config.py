@@ -93,6 +93,7 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(10 * 1024**3, ge=1)
     max_lines_per_batch: int = Field(5_000_000, ge=1)
     max_validation_errors: int = Field(100, ge=1)
+    max_line_bytes: int = Field(50 * 1024**2, ge=1)
 
     run_worker: bool = True
 

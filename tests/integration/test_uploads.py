@@ -74,3 +74,17 @@ def test_unknown_ids_limits_and_part_size(make_server, fake_upstream) -> None:  
     with pytest.raises(openai.APIStatusError) as exc:
         client.uploads.parts.create(up.id, data=b"x" * (64 * 1024**2 + 1))
     assert exc.value.status_code == 413
+
+
+def test_a_line_over_max_line_bytes_fails_validation(make_server, fake_upstream) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(fake_upstream.base_url, batchd_max_line_bytes="400")
+    client = server.client()
+    lines = [request_line(0), request_line(1, messages=[{"role": "user", "content": "x" * 500}])]
+    f = client.files.create(file=("long.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = wait_terminal(client, batch.id)
+    assert done.status == "failed" and done.errors is not None
+    [err] = done.errors.data
+    assert err.code == "line_too_long" and err.line == 2 and "BATCHD_MAX_LINE_BYTES" in (err.message or "")

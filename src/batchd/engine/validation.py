@@ -34,6 +34,7 @@ async def validate_next(store: Store, blobs: BlobStore, settings: Settings, owne
             chunk_lines=settings.chunk_lines,
             max_lines=settings.max_lines_per_batch,
             max_errors=settings.max_validation_errors,
+            max_line_bytes=settings.max_line_bytes,
         )
     except BlobMissing:
         plan = Plan(

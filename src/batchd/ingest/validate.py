@@ -129,6 +129,7 @@ async def validate_file(
     chunk_lines: int,
     max_lines: int,
     max_errors: int,
+    max_line_bytes: int | None = None,
 ) -> Plan:
     checker = LineChecker(endpoint, max_lines, max_errors)
     plan = checker.plan
@@ -148,6 +149,16 @@ async def validate_file(
                 None,
             )
             break
+        if max_line_bytes is not None and len(text) > max_line_bytes:
+            checker.error(
+                "line_too_long",
+                f"Line {line_no} has {len(text)} bytes, more than {max_line_bytes}, the most a line "
+                "may hold (setting BATCHD_MAX_LINE_BYTES).",
+                line_no,
+            )
+            if checker.full:
+                break
+            continue
         checker.check(line_no, text)
         if checker.full:
             break
