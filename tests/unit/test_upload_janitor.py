@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from batchd.blobs import BlobStore
-from batchd.engine.janitor import purge_uploads
+from batchd.engine.janitor import purge_uploads, sweep_orphans
 from batchd.store import Store
 from batchd.store.migrate import upgrade
 
@@ -42,6 +42,10 @@ def test_expired_pending_uploads_lose_their_parts(tmp_path: Path) -> None:
             assert (tmp_path / "blobs/uploads/upload_new/part_1").exists()
             assert await store.upload_parts_of("upload_old") == []
             assert await purge_uploads(store, blobs) == 0
+            # A part blob whose row never got written is an orphan; a recorded one is not.
+            await blobs.put("uploads/upload_new/part_orphan", b"x")
+            assert await sweep_orphans(store, blobs, grace=-1) == 1
+            assert (tmp_path / "blobs/uploads/upload_new/part_1").exists()
         finally:
             await store.close()
 

@@ -38,6 +38,7 @@ async def sweep_orphans(store: Store, blobs: BlobStore, grace: float) -> int:
             removed += await _drop_unknown_uploads(store, blobs, batch)
             batch = []
     removed += await _drop_unknown_uploads(store, blobs, batch)
+    removed += await _drop_unknown_parts(store, blobs, cutoff)
     if removed:
         log.info("removed %d orphaned blobs", removed, extra={"action": "janitor"})
     return removed
@@ -72,3 +73,17 @@ async def purge_uploads(store: Store, blobs: BlobStore) -> int:
             await blobs.delete(key)
         cleaned += 1
     return cleaned
+
+
+async def _drop_unknown_parts(store: Store, blobs: BlobStore, cutoff: float) -> int:
+    """Upload part blobs whose row was never inserted (killed between the two)."""
+    old = [key async for key, modified in blobs.list_keys("uploads/") if modified < cutoff]
+    removed = 0
+    for i in range(0, len(old), 500):
+        keys = old[i : i + 500]
+        known = await store.known_part_keys(keys)
+        for key in keys:
+            if key not in known:
+                await blobs.delete(key)
+                removed += 1
+    return removed

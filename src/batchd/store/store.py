@@ -722,6 +722,11 @@ class Store:
                 await conn.execute(insert(files).values(**file_row))
         return True
 
+    async def known_part_keys(self, keys: list[str]) -> set[str]:
+        q = select(upload_parts.c.blob_key).where(upload_parts.c.blob_key.in_(keys))
+        async with self.engine.connect() as conn:
+            return {k for (k,) in await conn.execute(q)}
+
     async def uploads_to_clean(self, now: int, limit: int = 100) -> list[Row]:
         """Pending uploads past their expiry, and ended uploads that still have parts."""
         has_parts = select(upload_parts.c.upload_id)
