@@ -93,6 +93,13 @@ def serve(
         ),
     ] = None,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Serve the API only; run no worker")] = False,
+    insecure_open: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-open",
+            help="Serve with no API key on a non-loopback address [env BATCHD_INSECURE_OPEN]",
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Run the HTTP API with an in-process worker (SQLite + local directory by default)."""
@@ -113,10 +120,107 @@ def serve(
         request_timeout=request_timeout,
         config=config,
         run_worker=False if no_worker else None,
+        insecure_open=True if insecure_open else None,
     )
     _check_upstreams(settings)
+    _check_open(settings)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_server(settings, log_level)
+
+
+def _check_open(settings: Any) -> None:
+    """Refuse to serve with no API key on a non-loopback address unless --insecure-open."""
+    from batchd.keys import is_loopback
+
+    if settings.insecure_open or is_loopback(settings.host):
+        return
+    if _on_store(settings, lambda s: s.count_live_api_keys()) == 0:
+        typer.echo(
+            f"batchd: refusing to serve on {settings.host} with no API key defined: anyone who can "
+            "reach it could use it. Create a key with `batchd keys create --project NAME --admin`, "
+            "bind to 127.0.0.1, or pass --insecure-open.",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
+# ----------------------------------------------------------------------------- keys
+
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys (talks to the database).")
+app.add_typer(keys_app, name="keys")
+
+DataDirOpt = Annotated[Path | None, typer.Option(help="[env BATCHD_DATA_DIR]")]
+DatabaseOpt = Annotated[str | None, typer.Option(help="[env BATCHD_DATABASE_URL]")]
+
+
+def _with_store(data_dir: Path | None, database_url: str | None, fn: Any) -> Any:
+    return _on_store(_settings(data_dir=data_dir, database_url=database_url), fn)
+
+
+def _on_store(settings: Any, fn: Any) -> Any:
+    """Run ``fn(store)`` on the migrated database of ``settings``."""
+    import asyncio
+
+    from batchd.store import Store
+    from batchd.store.migrate import upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+
+    async def go() -> Any:
+        store = Store.open(settings.resolved_database_url)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+@keys_app.command("create")
+def keys_create(
+    project: Annotated[str, typer.Option(help="The project the key belongs to")],
+    admin: Annotated[bool, typer.Option("--admin", help="May use /v1/admin")] = False,
+    name: Annotated[str | None, typer.Option(help="A label for lists")] = None,
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Create a key and print it once; only its hash is stored."""
+    from batchd.keys import create_key
+
+    secret, row = _with_store(
+        data_dir, database_url, lambda s: create_key(s, project, admin=admin, name=name)
+    )
+    typer.echo(secret)
+    typer.echo(
+        f"id {row['id']}, project {project}{', admin' if admin else ''}: store it now, it is not shown again",
+        err=True,
+    )
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> None:
+    """List keys (never their secrets)."""
+    rows = _with_store(data_dir, database_url, lambda s: s.list_api_keys())
+    for r in rows:
+        state = "revoked" if r["revoked_at"] else "live"
+        typer.echo(
+            f"{r['id']}\t{r['project']}\t{r['prefix']}…\t{'admin' if r['is_admin'] else 'member'}\t{state}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument()], data_dir: DataDirOpt = None, database_url: DatabaseOpt = None
+) -> None:
+    """Revoke a key; a running server refuses it within about a second."""
+    import time
+
+    row = _with_store(data_dir, database_url, lambda s: s.revoke_api_key(key_id, int(time.time())))
+    if row is None:
+        typer.echo(f"batchd: no such key: {key_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
 
 
 @app.command()

@@ -95,6 +95,14 @@ class Settings(BaseSettings):
     max_validation_errors: int = Field(100, ge=1)
     max_line_bytes: int = Field(50 * 1024**2, ge=1)
 
+    # Tenancy. With no API key defined the server is open only on a loopback address.
+    insecure_open: bool = False
+    # Per-project quotas (an admin may override each per project; see docs/security.md).
+    quota_max_stored_bytes: int = Field(100 * 1024**3, ge=0)
+    quota_max_active_batches: int = Field(100, ge=0)
+    quota_max_queued_lines: int = Field(50_000_000, ge=0)
+    quota_max_queued_tokens: int = Field(5_000_000_000, ge=0)
+
     run_worker: bool = True
 
     @field_validator("completion_windows", mode="before")

@@ -53,6 +53,27 @@ class NotFound(BatchdError):
     type = "invalid_request_error"
 
 
+class Unauthorized(BatchdError):
+    status_code = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(BatchdError):
+    status_code = 403
+    type = "invalid_request_error"
+    code = "admin_key_required"
+
+
+class QuotaExceeded(BatchdError):
+    """A project quota would be passed: 429 with ``x-should-retry: false`` (waiting alone
+    does not help until the project's batches finish or its files are deleted)."""
+
+    status_code = 429
+    type = "rate_limit_error"
+    code = "quota_exceeded"
+
+
 class PayloadTooLarge(InvalidRequest):
     status_code = 413
 

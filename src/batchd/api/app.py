@@ -8,13 +8,15 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchd import __version__
-from batchd.api import batches, errors, files, uploads
+from batchd.api import admin, batches, errors, files, uploads
+from batchd.api.deps import authenticate
 from batchd.config import Settings
 from batchd.ids import request_id
+from batchd.keys import KeyCache
 from batchd.runtime import open_runtime
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with open_runtime(settings, with_worker=settings.run_worker) as rt:
         app.state.store, app.state.blobs = rt.store, rt.blobs
+        app.state.keys = KeyCache(rt.store)
         task = asyncio.create_task(rt.worker.run()) if rt.worker else None
         log.info("batchd ready", extra={"action": "start"})
         try:
@@ -70,9 +73,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(RequestIdMiddleware)
     errors.install(app)
-    app.include_router(files.router, prefix="/v1")
-    app.include_router(batches.router, prefix="/v1")
-    app.include_router(uploads.router, prefix="/v1")
+    auth = [Depends(authenticate)]
+    app.include_router(files.router, prefix="/v1", dependencies=auth)
+    app.include_router(batches.router, prefix="/v1", dependencies=auth)
+    app.include_router(uploads.router, prefix="/v1", dependencies=auth)
+    app.include_router(admin.router, prefix="/v1/admin", dependencies=auth)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:

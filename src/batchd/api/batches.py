@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query
 from batchd import protocol as p
 from batchd.api.deps import ProjectDep, SettingsDep, StoreDep
 from batchd.api.presenters import batch_object
+from batchd.api.quotas import check_quotas
 from batchd.errors import InvalidRequest, NotFound
 from batchd.ids import batch_id
 
@@ -71,6 +72,14 @@ async def create_batch(
             param="input_file_id",
             code="invalid_value",
         )
+    await check_quotas(
+        store,
+        settings,
+        project,
+        add_batches=1,
+        add_lines=source.get("line_count") or 0,
+        add_tokens=source.get("est_tokens") or 0,
+    )
     now = int(time.time())
     row = await store.insert_batch(
         id=batch_id(),

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def _render(request: Request, exc: BatchdError) -> JSONResponse:
     headers = {"x-request-id": getattr(request.state, "request_id", "")}
-    if exc.status_code == 409:
+    if exc.status_code in (409, 429):
         headers["x-should-retry"] = "false"
     return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=headers)
 

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from batchd import protocol as p
 from batchd.api.deps import BlobsDep, ProjectDep, SettingsDep, StoreDep
 from batchd.api.presenters import file_object
+from batchd.api.quotas import check_quotas
 from batchd.blobs import BlobStore, BlobWriter
 from batchd.errors import BatchdError, InvalidRequest, MissingParameter, NotFound, PayloadTooLarge
 from batchd.ids import file_id
@@ -91,6 +92,8 @@ class _Upload:
         self.filename = "upload"
         self._part: PartStart | None = None
         self._buf = bytearray()
+        self.newlines = 0
+        self.last_byte = b"\n"
 
     def start(self, part: PartStart) -> None:
         self._part, self._buf = part, bytearray()
@@ -106,6 +109,9 @@ class _Upload:
     async def data(self, payload: bytes) -> None:
         if self._part is not None and self._part.name == "file" and self.writer is not None:
             await self.writer.write(payload)
+            if payload:
+                self.newlines += payload.count(b"\n")
+                self.last_byte = payload[-1:]
             if self.writer.size > self.max_bytes:
                 raise too_large(self.max_bytes)
             return
@@ -143,6 +149,7 @@ async def create_file(
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > settings.max_file_bytes + MAX_FIELD_BYTES:
         raise too_large(settings.max_file_bytes)
+    await check_quotas(store, settings, project, add_bytes=1)
     fid = file_id()
     key = f"files/{fid}"
     upload = _Upload(blobs, key, settings.max_file_bytes)
@@ -153,6 +160,8 @@ async def create_file(
         purpose = _check_purpose(fields)
         _check_filename(purpose, filename)
         expires_at = _expires_at(fields, purpose, now)
+        await check_quotas(store, settings, project, add_bytes=max(1, writer.size))
+        lines = upload.newlines + (1 if writer.size and upload.last_byte != b"\n" else 0)
         row = await store.insert_file(
             id=fid,
             project=project,
@@ -165,6 +174,8 @@ async def create_file(
             sha256=writer.sha256,
             batch_id=None,
             stream=None,
+            line_count=lines,
+            est_tokens=writer.size // 4,
         )
     except BaseException:
         await blobs.delete(key)

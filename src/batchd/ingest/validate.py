@@ -16,6 +16,30 @@ import orjson
 from batchd.blobs import BlobStore
 from batchd.ingest.lines import clean, iter_lines
 
+# Body fields that could steer where a request goes or with which credentials (SDK client
+# options some servers honour in a body); a line carrying one fails validation.
+FORBIDDEN_BODY_FIELDS = frozenset(
+    {
+        "api_key",
+        "api_base",
+        "base_url",
+        "api_type",
+        "api_version",
+        "azure_endpoint",
+        "azure_ad_token",
+        "extra_headers",
+        "extra_query",
+        "headers",
+        "organization",
+        "project",
+        "default_headers",
+        "default_query",
+        "http_client",
+        "proxies",
+        "proxy",
+    }
+)
+
 
 @dataclass
 class Plan:
@@ -91,6 +115,15 @@ class LineChecker:
                 "url",
             )
             ok = False
+        for key in body:
+            if key in FORBIDDEN_BODY_FIELDS:
+                self.error(
+                    "forbidden_parameter",
+                    f"'body.{key}' is not allowed: a line cannot choose the upstream or its credentials.",
+                    n,
+                    f"body.{key}",
+                )
+                ok = False
         if body.get("stream") is True:
             self.error(
                 "stream_not_supported",
