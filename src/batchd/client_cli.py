@@ -39,7 +39,7 @@ from batchd.console import (
 )
 
 DEFAULT_SERVER = "http://127.0.0.1:8080/v1"
-PLACEHOLDER_KEY = "batchd"  # batchd ignores keys today; the SDK insists on one
+PLACEHOLDER_KEY = "batchd"  # a server in open mode takes any key; the SDK insists on one
 CHUNKED_UPLOAD_BYTES = 64 * 1024**2  # above this, /v1/uploads (when the server has it)
 POLL_SECONDS = 0.5
 PIPE_WIDTH = 250
