@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -129,7 +128,15 @@ def test_keys_scope_every_endpoint_and_revocation(tenants: tuple[Server, dict[st
         "\t"
     )[0]
     assert batchd(server, "keys", "revoke", key_id).returncode == 0
-    time.sleep(1.5)
+
+    def revoked() -> bool:
+        try:
+            b.files.list()
+        except openai.AuthenticationError:
+            return True
+        return False
+
+    wait_until(revoked, 10, what="the revocation to take effect (key cache: 1 s)")
     with pytest.raises(openai.AuthenticationError):
         b.files.list()
     assert a.files.list().data
