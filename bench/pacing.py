@@ -60,6 +60,7 @@ from typing import Any
 
 import openai
 import orjson
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (  # noqa: E402  (bench/ is not a package)
@@ -332,7 +333,7 @@ class Run:
         self.fire_events(t, snaps)
         if not record:
             return
-        row: dict[str, Any] = {"t": round(t, 2)}
+        row: dict[str, Any] = {"t": round(t, 2), "server_rss_mb": self.server_rss_mb()}
         for f, s in zip(self.fakes, snaps, strict=True):
             row[f.spec.name] = {
                 "requests": (s or {}).get("requests", 0),
@@ -344,6 +345,14 @@ class Run:
         self.timeline.append(row)
         if self.at_first_minute is None and t >= self.sc.first_minute:
             self.at_first_minute = snaps
+
+    def server_rss_mb(self) -> float:
+        total = 0
+        with contextlib.suppress(psutil.Error):
+            for p in [self.server.ps, *self.server.ps.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+        return round(total / 2**20, 1)
 
     def fire_events(self, t: float, snaps: list[dict[str, Any] | None]) -> None:
         done = sum(status_count(s, 200) for s in snaps) / self.sc.lines
