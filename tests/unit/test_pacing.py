@@ -134,7 +134,7 @@ def test_lane_learns_limits_and_pauses_from_headers() -> None:
             "x-ratelimit-remaining-requests": "0",
             "x-ratelimit-reset-requests": "2s",
         }
-        await lane.finish(200, headers, 0, None, timed_out=False)
+        lane.finish(200, headers, 0, None, timed_out=False)
         return lane
 
     lane = asyncio.run(run())
@@ -146,7 +146,7 @@ def test_lane_overload_halves_window_and_retry_after_pauses() -> None:
     async def run() -> Lane:
         lane = _lane(max_concurrency=8)
         await lane.admit(0)
-        await lane.finish(429, {"retry-after": "3"}, 0, None, timed_out=False)
+        lane.finish(429, {"retry-after": "3"}, 0, None, timed_out=False)
         return lane
 
     lane = asyncio.run(run())
@@ -157,7 +157,7 @@ def test_configured_limit_is_not_overridden_by_headers() -> None:
     async def run() -> Lane:
         lane = _lane(rpm=100)
         await lane.admit(0)
-        await lane.finish(200, {"x-ratelimit-limit-requests": "5000"}, 0, None, timed_out=False)
+        lane.finish(200, {"x-ratelimit-limit-requests": "5000"}, 0, None, timed_out=False)
         return lane
 
     assert asyncio.run(run()).rpm.per_minute == pytest.approx(98)
@@ -194,3 +194,33 @@ def test_workers_share_upstream_limits() -> None:
     assert later.rpm.per_minute == pytest.approx(400 * 0.98)
     router.set_share(1.0)
     assert lane.rpm.per_minute == pytest.approx(1200 * 0.98)
+
+
+def test_a_line_waiting_on_a_downed_upstream_is_routed_again_when_another_is_up() -> None:
+    a = UpstreamSpec(name="a", url="http://a")
+    b = UpstreamSpec(name="b", url="http://b")
+    router = Router([(a, MockUpstream(None)), (b, MockUpstream(None))])  # type: ignore[arg-type]
+    lane_a, lane_b = router.lanes("m")
+    for _ in range(5):
+        router.health["a"].on_failure()
+    router.health["a"].probing = True  # someone else holds the probe: a line would wait here
+
+    async def run() -> tuple[bool, int]:
+        admitted = await asyncio.wait_for(lane_a.admit(0, elsewhere=router.other_up), 5)
+        return admitted, lane_a.window.in_flight
+
+    assert asyncio.run(run()) == (False, 0)  # handed back, holding no slot
+    assert router.other_up(lane_a) and not router.other_up(lane_b)
+
+
+def test_fast_admission_only_when_nothing_could_make_a_line_wait() -> None:
+    lane = _lane(max_concurrency=2)
+    assert lane.try_admit(10) and lane.try_admit(10)
+    assert not lane.try_admit(10)  # the window is full
+    lane.finish(200, {}, 10, None, timed_out=False)
+    assert lane.try_admit(10)
+    assert not _lane(rpm=60).try_admit(0)  # a paced budget always takes the slow way
+    assert _lane(tpm=1000).try_admit(0) and not _lane(tpm=1000).try_admit(5)
+    paused = _lane()
+    paused.paused_until = 1e18
+    assert not paused.try_admit(0)

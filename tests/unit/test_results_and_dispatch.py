@@ -37,6 +37,19 @@ def test_http_error_and_garbage_bodies() -> None:
         assert_schema("BatchRequestOutput", o)
 
 
+def test_output_line_is_one_json_line_whatever_the_upstream_bytes() -> None:
+    """Raw upstream bytes are embedded only when they are one line; pretty-printed bodies are
+    re-serialised, and ids that need escaping are escaped."""
+    body = {"id": "x", "choices": [{"text": "a\nb \u2028 \"q\""}], "usage": {"total_tokens": 2}}
+    for raw in (orjson.dumps(body), json.dumps(body, indent=2).encode(), b"\r\n" + orjson.dumps(body)):
+        r = http_result('we"ird\\id\u00e9', UpstreamResponse(200, raw, {"x-request-id": 'r"1'}))
+        assert r.line.count(b"\n") == 1 and r.line.endswith(b"\n")
+        obj = json.loads(r.line)
+        assert obj["custom_id"] == 'we"ird\\id\u00e9' and obj["response"]["request_id"] == 'r"1'
+        assert obj["response"]["body"] == body and r.usage[4] == 2
+        assert_schema("BatchRequestOutput", obj)
+
+
 def test_non_http_error_line() -> None:
     obj = json.loads(error_result("c4", "batch_expired").line)
     assert obj["response"] is None and obj["error"]["code"] == "batch_expired" and obj["error"]["message"]

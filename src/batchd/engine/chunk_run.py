@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from batchd.blobs import BlobStore
 from batchd.engine.journal import Journal
-from batchd.engine.results import LineResult
+from batchd.engine.results import NO_USAGE, LineResult
 from batchd.store import Store
 from batchd.store.store import PartCommit, Row
 
@@ -89,8 +89,14 @@ class ChunkRun:
             if result.ok:
                 self.out.append(result.line)
                 self.completed += 1
-                for i, n in enumerate(result.usage):
-                    self.usage[i] += n
+                u = result.usage
+                if u is not NO_USAGE:
+                    total = self.usage
+                    total[0] += u[0]
+                    total[1] += u[1]
+                    total[2] += u[2]
+                    total[3] += u[3]
+                    total[4] += u[4]
             else:
                 self.err.append(result.line)
                 if result.http_error:

@@ -43,29 +43,6 @@ def no_upstream(model: str) -> UpstreamResponse:
     return UpstreamResponse(404, orjson.dumps(body))
 
 
-async def _attempt(
-    lane: Lane, req: LineRequest, timeout: float
-) -> tuple[UpstreamResponse | None, UpstreamError | None]:
-    resp: UpstreamResponse | None = None
-    failure: UpstreamError | None = None
-    try:
-        resp = await lane.client.send(req.path, req.body, timeout)
-    except UpstreamError as exc:
-        failure = exc
-    finally:
-        used = None
-        if resp is not None and 200 <= resp.status < 300 and req.tokens and lane.tpm.limited:
-            used = _total_tokens(resp.body)
-        await lane.finish(
-            resp.status if resp is not None else None,
-            resp.headers if resp is not None else {},
-            req.tokens,
-            used,
-            timed_out=isinstance(failure, UpstreamTimeout),
-        )
-    return resp, failure
-
-
 def _total_tokens(body: bytes) -> int | None:
     try:
         obj = orjson.loads(body)
@@ -93,43 +70,84 @@ async def send_line(
         lane = router.pick(req.model)
         if lane is None:
             return http_result(req.custom_id, no_upstream(req.model))
-        left = deadline - time.time()
-        if left <= 0:
-            return None
-        try:
-            async with asyncio.timeout(left):
-                await lane.admit(req.tokens)
-        except TimeoutError:
-            return None
-        if stopping():
-            await lane.abandon()
-            return None
-        resp, failure = await _attempt(
-            lane, req, min(policy.request_timeout, max(deadline - time.time(), 0.001))
-        )
-        status = resp.status if resp is not None else None
-        if resp is not None and not is_retryable(status):
-            return http_result(req.custom_id, resp)
-        # An outage (the upstream fails everything) or a 429 ("slow down") costs the line time,
-        # not attempts: it waits, until the deadline; only faults of a working upstream count.
-        counted = not lane.health.down and status != 429
-        attempt += counted
-        choice = decide(
-            status=status,
-            attempt=max(attempt, 1),
-            max_attempts=policy.max_attempts if counted else attempt + 2,
-            retry_after=parse_retry_after(resp.headers, time.time()) if resp is not None else None,
-            now=time.time(),
-            deadline=deadline,
-            jitter=random.random(),
-        )
-        if isinstance(choice, GiveUp):
-            if choice.reason == "deadline" or stopping():
+        admitted = lane.try_admit(req.tokens) or await _wait_for_admission(router, lane, req.tokens, deadline)
+        if not admitted:
+            if admitted is None:
                 return None
-            if resp is not None:
-                return http_result(req.custom_id, resp)
-            assert failure is not None
-            return error_result(req.custom_id, failure.code)
+            continue  # the lane went down while we waited and another upstream is up
         if stopping():
+            lane.abandon()
             return None
-        await asyncio.sleep(choice.delay)
+        resp: UpstreamResponse | None = None
+        failure: UpstreamError | None = None
+        try:
+            resp = await lane.client.send(
+                req.path, req.body, min(policy.request_timeout, max(deadline - time.time(), 0.001))
+            )
+        except UpstreamError as exc:
+            failure = exc
+        finally:
+            if resp is None:
+                lane.finish(None, {}, req.tokens, None, timed_out=isinstance(failure, UpstreamTimeout))
+        if resp is not None:
+            used = None
+            if req.tokens and lane.tpm.per_minute and 200 <= resp.status < 300:
+                used = _total_tokens(resp.body)
+            lane.finish(resp.status, resp.headers, req.tokens, used, timed_out=False)
+            if not is_retryable(resp.status):
+                return http_result(req.custom_id, resp)
+        attempt, next_step = _after_fault(lane, req, resp, failure, attempt, policy, deadline, stopping)
+        if not isinstance(next_step, float):
+            return next_step
+        await asyncio.sleep(next_step)
+
+
+async def _wait_for_admission(router: Router, lane: Lane, tokens: int, deadline: float) -> bool | None:
+    """The slow way in: True when admitted, False to route again, None past the deadline."""
+    left = deadline - time.time()
+    if left <= 0:
+        return None
+    try:
+        async with asyncio.timeout(left):
+            return await lane.admit(tokens, elsewhere=router.other_up)
+    except TimeoutError:
+        return None
+
+
+def _after_fault(
+    lane: Lane,
+    req: LineRequest,
+    resp: UpstreamResponse | None,
+    failure: UpstreamError | None,
+    attempt: int,
+    policy: SendPolicy,
+    deadline: float,
+    stopping: Callable[[], bool],
+) -> tuple[int, float | LineResult | None]:
+    """After a retryable answer or no answer: (attempts spent, seconds to wait before the
+    next try, or the line's final result, or None to leave it unfinished).
+
+    An outage (the upstream fails everything) or a 429 ("slow down") costs the line time,
+    not attempts: it waits, until the deadline; only faults of a working upstream count."""
+    status = resp.status if resp is not None else None
+    counted = not lane.health.down and status != 429
+    attempt += counted
+    choice = decide(
+        status=status,
+        attempt=max(attempt, 1),
+        max_attempts=policy.max_attempts if counted else attempt + 2,
+        retry_after=parse_retry_after(resp.headers, time.time()) if resp is not None else None,
+        now=time.time(),
+        deadline=deadline,
+        jitter=random.random(),
+    )
+    if isinstance(choice, GiveUp):
+        if choice.reason == "deadline" or stopping():
+            return attempt, None
+        if resp is not None:
+            return attempt, http_result(req.custom_id, resp)
+        assert failure is not None
+        return attempt, error_result(req.custom_id, failure.code)
+    if stopping():
+        return attempt, None
+    return attempt, float(choice.delay)

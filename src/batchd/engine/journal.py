@@ -14,6 +14,7 @@ is ignored.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import Iterator
@@ -39,20 +40,34 @@ class JournalKey:
 
 
 class Journal:
-    """Append-only, unbuffered: each ``append`` is one ``write`` syscall."""
+    """Append-only and unbuffered across event-loop turns: the results of one turn of the loop
+    go out in one ``write`` at the end of that turn (a turn lasts microseconds and never
+    includes waiting for the upstream), so a kill loses only answers that arrived in the
+    very turn it struck, which are then sent again like requests still in flight."""
 
     def __init__(self, path: Path):
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._records: list[bytes] = []
 
     def append(self, idx: int, result: LineResult) -> None:
         kind = b"o" if result.ok else (b"h" if result.http_error else b"e")
-        os.write(self._fd, b"%d %s %s" % (idx, kind, result.line))
+        if not self._records:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._records.append(b"%d %s %s" % (idx, kind, result.line))
+
+    def flush(self) -> None:
+        if self._records and self._fd >= 0:
+            os.write(self._fd, b"".join(self._records))
+        self._records.clear()
 
     def close(self, remove: bool) -> None:
         if self._fd >= 0:
+            if not remove:
+                self.flush()
             os.close(self._fd)
             self._fd = -1
+        self._records.clear()
         if remove:
             self.path.unlink(missing_ok=True)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from batchd.config import Settings
@@ -101,13 +101,33 @@ class Lane:
             limit = self.limits[kind]
             budget.set_rate(limit * SAFETY * self.share if limit else None)
 
-    async def admit(self, tokens: int) -> None:
+    def try_admit(self, tokens: int) -> bool:
+        """Admit at once when nothing could make the request wait: no budget to pace, the
+        upstream up, no pause, a free slot. Most lines of an unlimited lane go this way, with
+        no timer or task; anything else takes ``admit``."""
+        if (
+            self.rpm.per_minute
+            or (tokens and self.tpm.per_minute)
+            or self.health.failures >= self.health.threshold
+            or (self.paused_until and self.paused_until > time.monotonic())
+            or not self.window.try_acquire()
+        ):
+            return False
+        self.sent += 1
+        return True
+
+    async def admit(self, tokens: int, elsewhere: Callable[[Lane], bool] | None = None) -> bool:
         """Wait for a window slot, for the upstream to be up (or our turn to probe it), for a
-        pause to end, and for the budgets; the slot is held until ``finish``."""
+        pause to end, and for the budgets; the slot is held until ``finish``. Returns False
+        (holding nothing) when this upstream is down and ``elsewhere(self)`` says another one
+        serving the model is up: the line should be routed again rather than wait here."""
         await self.window.acquire()
         try:
             while True:
                 if self.health.down and not self.health.may_probe():
+                    if elsewhere is not None and elsewhere(self):
+                        self.window.release()
+                        return False
                     await asyncio.sleep(min(max(self.health.seconds_to_probe(), 0.02), 0.5))
                     continue
                 pause = self.paused_until - time.monotonic()
@@ -122,17 +142,26 @@ class Lane:
         except BaseException:
             self.window.release()
             raise
+        return True
 
-    async def abandon(self) -> None:
+    def abandon(self) -> None:
         """Admitted but not sent (the batch is stopping)."""
         self.window.release()
 
-    async def finish(
+    def finish(
         self, status: int | None, headers: Mapping[str, str], tokens: int, used: int | None, timed_out: bool
     ) -> None:
         """Learn from one outcome: window, health, pauses, budgets."""
         self.window.release()
         now = time.monotonic()
+        if status is not None and status < 300:
+            self.health.on_success()
+            self.window.on_success()
+            if len(headers) > 1 or "x-request-id" not in headers:  # more than the id: limits?
+                self._learn(headers, now)
+            if used is not None and tokens:
+                self.tpm.adjust(used - tokens)
+            return
         retry_after = parse_retry_after(headers, time.time())
         if retry_after is not None and status is not None and (status == 429 or status >= 500):
             self.paused_until = max(self.paused_until, now + retry_after)
@@ -204,11 +233,19 @@ class Router:
         for lane in self.all_lanes():
             lane.set_share(share)
 
+    def other_up(self, lane: Lane) -> bool:
+        """Whether another upstream serving ``lane``'s model is up."""
+        return any(
+            other is not lane and not other.health.down for other in self._lanes.get(lane.model, ())
+        )
+
     def all_lanes(self) -> list[Lane]:
         return [lane for lanes in self._lanes.values() for lane in lanes]
 
     def pick(self, model: str) -> Lane | None:
-        lanes = self.lanes(model)
+        lanes = self._lanes.get(model) or self.lanes(model)
+        if len(lanes) == 1:
+            return lanes[0]
         if not lanes:
             return None
         healthy = [lane for lane in lanes if not lane.health.down] or lanes

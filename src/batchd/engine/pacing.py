@@ -80,6 +80,13 @@ class ConcurrencyWindow:
     def size(self) -> int:
         return max(self.minimum, int(self.limit))
 
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free now, without waiting."""
+        if self.in_flight < self.size and not self._waiters:
+            self.in_flight += 1
+            return True
+        return False
+
     async def acquire(self) -> None:
         """Take a slot; no task, lock or timer on the fast path (this runs once per line)."""
         if self.in_flight < self.size and not self._waiters:

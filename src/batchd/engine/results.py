@@ -24,23 +24,34 @@ class LineResult:
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return value if type(value) is int else 0  # not bool, which is a subclass of int
 
 
 def usage_of(body: dict[str, Any]) -> Usage:
     """(input, cached, output, reasoning, total) from chat, completions, responses or
-    embeddings usage, whichever names the upstream used."""
+    embeddings usage, whichever names the upstream used. Runs once per line: plain lookups."""
     u = body.get("usage")
-    if not isinstance(u, dict):
+    if type(u) is not dict:
         return NO_USAGE
-    inp = _int(u.get("prompt_tokens", u.get("input_tokens")))
-    out = _int(u.get("completion_tokens", u.get("output_tokens")))
-    total = _int(u.get("total_tokens")) or inp + out
-    in_details = u.get("prompt_tokens_details") or u.get("input_tokens_details") or {}
-    out_details = u.get("completion_tokens_details") or u.get("output_tokens_details") or {}
-    cached = _int(in_details.get("cached_tokens")) if isinstance(in_details, dict) else 0
-    reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+    get = u.get
+    inp = get("prompt_tokens")
+    inp = _int(get("input_tokens") if inp is None else inp)
+    out = get("completion_tokens")
+    out = _int(get("output_tokens") if out is None else out)
+    total = _int(get("total_tokens")) or inp + out
+    cached = reasoning = 0
+    details = get("prompt_tokens_details") or get("input_tokens_details")
+    if type(details) is dict:
+        cached = _int(details.get("cached_tokens"))
+    details = get("completion_tokens_details") or get("output_tokens_details")
+    if type(details) is dict:
+        reasoning = _int(details.get("reasoning_tokens"))
     return inp, cached, out, reasoning, total
+
+
+_OUTPUT_LINE = (
+    b'{"id":"%s","custom_id":%s,"response":{"status_code":%d,"request_id":%s,"body":%s},"error":null}\n'
+)
 
 
 def http_result(custom_id: str, resp: UpstreamResponse) -> LineResult:
@@ -51,7 +62,22 @@ def http_result(custom_id: str, resp: UpstreamResponse) -> LineResult:
         body = orjson.loads(resp.body)
     except orjson.JSONDecodeError:
         body = None
-    if not isinstance(body, dict):
+    request = resp.headers.get("x-request-id") or request_id()
+    if isinstance(body, dict):
+        ok = 200 <= status < 300
+        raw = resp.body
+        if b"\n" not in raw and b"\r" not in raw:
+            # The hot path: the upstream's bytes are valid JSON (orjson just parsed them) on one
+            # line, so they go in as they are instead of being serialised a second time.
+            line = _OUTPUT_LINE % (
+                request_line_id().encode(),
+                orjson.dumps(custom_id),
+                status,
+                orjson.dumps(request),
+                raw,
+            )
+            return LineResult(ok, line, usage_of(body) if ok else NO_USAGE, http_error=not ok)
+    else:
         body = {
             "error": {
                 "message": "The upstream answered with a body that is not a JSON object.",
@@ -67,11 +93,7 @@ def http_result(custom_id: str, resp: UpstreamResponse) -> LineResult:
         {
             "id": request_line_id(),
             "custom_id": custom_id,
-            "response": {
-                "status_code": status,
-                "request_id": resp.headers.get("x-request-id") or request_id(),
-                "body": body,
-            },
+            "response": {"status_code": status, "request_id": request, "body": body},
             "error": None,
         }
     )

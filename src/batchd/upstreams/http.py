@@ -10,7 +10,19 @@ import aiohttp
 
 from batchd.upstreams.base import UpstreamError, UpstreamResponse, UpstreamTimeout
 
-_KEEP_HEADERS = ("x-request-id", "retry-after", "retry-after-ms")
+_KEEP_HEADERS = frozenset({b"x-request-id", b"retry-after", b"retry-after-ms"})
+
+
+def _kept_headers(raw: tuple[tuple[bytes, bytes], ...]) -> dict[str, str]:
+    """The headers the engine reads (the request id, retry hints, rate limits), lower-cased.
+    Raw bytes are filtered first: this runs once per request."""
+    kept = {}
+    for name, value in raw:
+        if name[:1] in b"xXrR":
+            low = name.lower()
+            if low in _KEEP_HEADERS or low.startswith(b"x-ratelimit-"):
+                kept[low.decode("latin-1")] = value.decode("latin-1")
+    return kept
 
 
 class HttpUpstream:
@@ -37,12 +49,7 @@ class HttpUpstream:
                 self.base_url + path, data=body, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 data = await resp.read()
-                headers = {
-                    k.lower(): v
-                    for k, v in resp.headers.items()
-                    if k.lower() in _KEEP_HEADERS or k.lower().startswith("x-ratelimit-")
-                }
-                return UpstreamResponse(resp.status, data, headers)
+                return UpstreamResponse(resp.status, data, _kept_headers(resp.raw_headers))
         except TimeoutError as exc:
             raise UpstreamTimeout(f"no answer within {timeout:.1f}s") from exc
         except aiohttp.ClientError as exc:
