@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from batchd.engine.lanes import Lane, Router, UpstreamSpec, estimate_tokens, parse_reset
+from batchd.engine.lanes import SLOW_START, Lane, Router, UpstreamSpec, estimate_tokens, parse_reset
 from batchd.engine.pacing import ConcurrencyWindow, Health, RateBudget
 from batchd.upstreams.base import MockUpstream
 
@@ -74,6 +74,27 @@ def test_window_aimd() -> None:
         clock.now += 2
         w.on_overload()
     assert w.size == 1
+
+
+def test_window_slow_start_doubles_per_round_trip_until_overload() -> None:
+    clock = Clock()
+    w = ConcurrencyWindow(64, initial=4, clock=clock)
+    assert w.size == 4
+    for _ in range(4):  # one round trip of clean calls
+        w.on_success()
+    assert w.size == 8
+    for _ in range(8):
+        w.on_success()
+    assert w.size == 16
+    w.on_overload()  # the first overload ends slow start
+    assert w.size == 8 and not w.slow_start
+    for _ in range(9):
+        w.on_success()
+    assert w.size == 9  # back to about +1 per window
+    full = ConcurrencyWindow(64, initial=4, clock=clock)
+    for _ in range(1000):
+        full.on_success()
+    assert full.size == 64
 
 
 def test_window_blocks_at_its_size() -> None:
@@ -150,7 +171,7 @@ def test_lane_overload_halves_window_and_retry_after_pauses() -> None:
         return lane
 
     lane = asyncio.run(run())
-    assert lane.window.size == 4 and lane.paused_until > 0 and not lane.health.down
+    assert lane.window.size == SLOW_START // 2 and lane.paused_until > 0 and not lane.health.down
 
 
 def test_configured_limit_is_not_overridden_by_headers() -> None:

@@ -8,9 +8,9 @@ import time
 
 import orjson
 
-from batchd.engine.dispatch import LineRequest, SendPolicy, send_line
+from batchd.engine.dispatch import Backoff, LineRequest, SendPolicy, send_line
 from batchd.engine.lanes import Router, UpstreamSpec
-from batchd.engine.results import error_result, http_result, usage_of
+from batchd.engine.results import LineResult, error_result, http_result, usage_of
 from batchd.upstreams.base import MockUpstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 from tests.support import assert_schema
 
@@ -194,3 +194,33 @@ def test_http_upstream_passes_rate_limit_headers_to_the_lane() -> None:
     assert "x-ratelimit-remaining-requests" in resp.headers and resp.headers["x-request-id"].startswith(
         "req_"
     )
+
+
+def test_deferred_backoff_is_handed_back_with_the_attempts_spent() -> None:
+    """With ``defer``, a retryable fault returns a Backoff instead of sleeping in the sender;
+    calling again with its ``attempt`` continues the same attempt budget."""
+
+    async def failing(path: str, body: bytes) -> UpstreamResponse:
+        return UpstreamResponse(500, b'{"error": {"message": "boom"}}')
+
+    async def go():  # type: ignore[no-untyped-def]
+        router = _router(failing)
+        req = LineRequest("cid", "m", "/chat/completions", b"{}", 10)
+        outcomes = []
+        attempt = 0
+        for _ in range(10):
+            out = await send_line(
+                router, req, deadline=time.time() + 600, policy=POLICY, stopping=lambda: False,
+                attempt=attempt, defer=True,
+            )
+            outcomes.append(out)
+            if not isinstance(out, Backoff):
+                break
+            attempt = out.attempt
+        return outcomes
+
+    outcomes = asyncio.run(go())
+    assert [o.attempt for o in outcomes[:-1]] == [1, 2, 3]  # type: ignore[union-attr]
+    assert all(o.delay > 0 for o in outcomes[:-1])  # type: ignore[union-attr]
+    final = outcomes[-1]
+    assert isinstance(final, LineResult) and not final.ok and final.http_error

@@ -23,6 +23,14 @@ class SendPolicy:
 
 
 @dataclass(frozen=True)
+class Backoff:
+    """Try the line again after ``delay`` seconds; ``attempt`` attempts are spent so far."""
+
+    delay: float
+    attempt: int
+
+
+@dataclass(frozen=True)
 class LineRequest:
     custom_id: str
     model: str
@@ -58,14 +66,18 @@ async def send_line(
     deadline: float,
     policy: SendPolicy,
     stopping: Callable[[], bool],
-) -> LineResult | None:
+    attempt: int = 0,
+    defer: bool = False,
+) -> LineResult | Backoff | None:
     """The line's final result, or None when it must stay unfinished: the batch is stopping
     or its deadline came before a transient fault cleared (it then ends as ``batch_expired``
     or ``batch_cancelled``, never as a failure it did not earn).
 
     Failures while the upstream is down (every request failing) and 429s do not spend the
-    line's attempts: the lane pauses and lines wait, until the deadline."""
-    attempt = 0
+    line's attempts: the lane pauses and lines wait, until the deadline.
+
+    With ``defer``, a backoff is returned as a ``Backoff`` instead of slept here, so the
+    caller's sender can serve other lines meanwhile and call again with ``attempt``."""
     while True:
         lane = router.pick(req.model)
         if lane is None:
@@ -90,16 +102,24 @@ async def send_line(
             if resp is None:
                 lane.finish(None, {}, req.tokens, None, timed_out=isinstance(failure, UpstreamTimeout))
         if resp is not None:
-            used = None
-            if req.tokens and lane.tpm.per_minute and 200 <= resp.status < 300:
-                used = _total_tokens(resp.body)
-            lane.finish(resp.status, resp.headers, req.tokens, used, timed_out=False)
+            _finish_answered(lane, req, resp)
             if not is_retryable(resp.status):
                 return http_result(req.custom_id, resp)
         attempt, next_step = _after_fault(lane, req, resp, failure, attempt, policy, deadline, stopping)
         if not isinstance(next_step, float):
             return next_step
+        if defer:
+            return Backoff(next_step, attempt)
         await asyncio.sleep(next_step)
+
+
+def _finish_answered(lane: Lane, req: LineRequest, resp: UpstreamResponse) -> None:
+    """Tell the lane how an answered request went, with the tokens it really used when a
+    tokens/min budget needs them."""
+    used = None
+    if req.tokens and lane.tpm.per_minute and 200 <= resp.status < 300:
+        used = _total_tokens(resp.body)
+    lane.finish(resp.status, resp.headers, req.tokens, used, timed_out=False)
 
 
 async def _wait_for_admission(router: Router, lane: Lane, tokens: int, deadline: float) -> bool | None:

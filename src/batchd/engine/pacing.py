@@ -63,14 +63,21 @@ class RateBudget:
 
 
 class ConcurrencyWindow:
-    """A semaphore whose size moves: additive increase, multiplicative decrease."""
+    """A semaphore whose size moves: additive increase, multiplicative decrease.
+
+    With ``initial`` below the maximum it starts in *slow start* (as TCP does): +1 per clean
+    call, so it doubles every round trip until the first overload signal or the maximum. A
+    first burst of ``maximum`` requests at an upstream whose limits we have not learned yet
+    would mostly come back as 429s; a few requests first teach the lane the limits (from the
+    ``x-ratelimit-*`` headers), at the cost of a few round trips."""
 
     def __init__(
         self, maximum: int, minimum: int = 1, initial: int | None = None, clock: Clock = time.monotonic
     ):
         self.maximum = maximum
         self.minimum = minimum
-        self.limit = float(initial or maximum)
+        self.limit = float(min(initial or maximum, maximum))
+        self.slow_start = self.limit < maximum
         self.in_flight = 0
         self.clock = clock
         self._last_decrease = -math.inf
@@ -115,11 +122,13 @@ class ConcurrencyWindow:
                 waiter.set_result(None)
 
     def on_success(self) -> None:
-        self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
-        self._wake()
+        if self.limit < self.maximum:
+            self.limit = min(float(self.maximum), self.limit + (1.0 if self.slow_start else 1.0 / self.limit))
+            self._wake()
 
     def on_overload(self, cooldown: float = 1.0) -> None:
         """Halve, at most once per ``cooldown``: one burst of 429s is one signal, not many."""
+        self.slow_start = False
         now = self.clock()
         if now - self._last_decrease >= cooldown:
             self.limit = max(float(self.minimum), self.limit / 2)

@@ -1,7 +1,8 @@
 """The worker: leases chunks and sends their lines; validates and finalizes batches.
 
 It reads like this: a stop event; a bounded queue of lines fed by one feeder per leased chunk;
-``concurrency`` senders draining it; side tasks for checkpoints, heartbeats and watching for
+``concurrency`` senders draining it (a line in backoff waits on a timer, not in a sender, and
+comes back at the queue's front); side tasks for checkpoints, heartbeats and watching for
 cancel and expiry; and a loop that leases work, runs validation and finalization jobs, and
 cleans up. ``run_until_idle`` serves tests and one-shot runs.
 """
@@ -20,12 +21,13 @@ import orjson
 from batchd.blobs import BlobStore
 from batchd.config import Settings
 from batchd.engine.chunk_run import BatchInfo, ChunkRun, bitmap_to_int
-from batchd.engine.dispatch import LineRequest, SendPolicy, send_line
+from batchd.engine.dispatch import Backoff, LineRequest, SendPolicy, send_line
 from batchd.engine.finalize import finalize_batch
 from batchd.engine.identity import WorkerIdentity
 from batchd.engine.janitor import purge_files, purge_uploads, sweep_orphans
 from batchd.engine.journal import JournalDir, JournalKey, read_journal
 from batchd.engine.lanes import Router, estimate_tokens
+from batchd.engine.line_queue import LineQueue
 from batchd.engine.validation import validate_next
 from batchd.errors import BatchdError
 from batchd.ingest.lines import clean, split_block
@@ -34,7 +36,10 @@ from batchd.store.store import Row
 
 log = logging.getLogger(__name__)
 
-QueueItem = tuple[ChunkRun, int, LineRequest]
+# (chunk, line index, request, attempts spent so far)
+QueueItem = tuple[ChunkRun, int, LineRequest, int]
+# A line parked in backoff: ((batch, chunk), generation, line index)
+ParkedKey = tuple[tuple[str, int], int, int]
 
 
 class Worker:
@@ -57,7 +62,8 @@ class Worker:
         self.journals = journals
         self.policy = SendPolicy(settings.request_timeout, settings.max_attempts)
         self.senders = min(router.capacity, 4096)
-        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize=self.senders)
+        self.queue: LineQueue[QueueItem] = LineQueue(2 * self.senders)
+        self.backoffs: dict[ParkedKey, tuple[asyncio.TimerHandle, QueueItem]] = {}
         self.runs: dict[tuple[str, int], ChunkRun] = {}
         self.jobs: set[asyncio.Task[None]] = set()
         self.stop = asyncio.Event()
@@ -145,6 +151,7 @@ class Worker:
         """Stop feeding, let in-flight requests finish, checkpoint, give chunks back."""
         for run in self.runs.values():
             run.stopping = True
+            self._retry_now(run)
         if self.runs:
             await asyncio.wait(
                 [asyncio.create_task(r.settled.wait()) for r in self.runs.values()],
@@ -245,7 +252,7 @@ class Worker:
                         break
                     request = _request_of(text, run.batch)
                     run.outstanding += 1
-                    await self.queue.put((run, idx, request))
+                    await self.queue.put((run, idx, request, 0))
                 idx += 1
         finally:
             run.feeding_done = True
@@ -258,7 +265,8 @@ class Worker:
 
     async def _sender(self) -> None:
         while True:
-            run, idx, request = await self.queue.get()
+            item = await self.queue.get()
+            run, idx, request, attempt = item
             try:
                 if run.should_stop():
                     run.record(idx, None)
@@ -269,7 +277,12 @@ class Worker:
                     deadline=run.batch.expires_at,
                     policy=self.policy,
                     stopping=run.should_stop,
+                    attempt=attempt,
+                    defer=True,
                 )
+                if isinstance(result, Backoff):
+                    self._back_off((run, idx, request, result.attempt), result.delay)
+                    continue
                 run.record(idx, result)
                 if run.buffered >= self.settings.checkpoint_lines and not run.lock.locked():
                     self._spawn(self._checkpoint(run))
@@ -279,6 +292,25 @@ class Worker:
                 # A fault that repeats for every line must not turn into a hot loop of
                 # release, re-lease and fail: each failing sender rests a moment.
                 await asyncio.sleep(1.0)
+
+    def _back_off(self, item: QueueItem, delay: float) -> None:
+        """Park a line until its retry time; the sender goes on with other lines."""
+        run, idx = item[0], item[1]
+        key = (run.key, run.generation, idx)
+        handle = asyncio.get_running_loop().call_later(delay, self._retry, key)
+        self.backoffs[key] = (handle, item)
+
+    def _retry(self, key: ParkedKey) -> None:
+        parked = self.backoffs.pop(key, None)
+        if parked is not None:
+            self.queue.put_front(parked[1])
+
+    def _retry_now(self, run: ChunkRun) -> None:
+        """A stopping chunk's parked lines go back at once (to be settled as unfinished)."""
+        for key in [k for k, (_, item) in self.backoffs.items() if item[0] is run]:
+            handle, item = self.backoffs.pop(key)
+            handle.cancel()
+            self.queue.put_front(item)
 
     async def _batch_info(self, batch_id: str) -> BatchInfo:
         info = self._batches.get(batch_id)
@@ -344,8 +376,9 @@ class Worker:
         for (bid, _), run in list(self.runs.items()):
             if statuses.get(bid) != "in_progress":
                 run.stopping = True
-        if any(r.should_stop() for r in self.runs.values()):
-            self.wake.set()
+            if run.should_stop():
+                self._retry_now(run)
+                self.wake.set()
 
     async def _purge(self) -> None:
         await purge_files(self.store, self.blobs)
