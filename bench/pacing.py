@@ -22,7 +22,8 @@ Scenarios (full size; ``--quick`` divides lines, outage and first-minute by ~5):
                      seeds' client-side pattern (asyncio + AsyncOpenAI + semaphore + retry on
                      429, results to JSONL; ../shared/seeds/flex-ai-batching.md) and (b) a bare
                      aiohttp loop (the ceiling), same concurrency, each in its own process.
-                     Target: >= 10x the pattern and >= 60% of the ceiling. Then batchd again on
+                     Target: >= 10x the pattern and >= 60% of the ceiling. Also (c) a bare
+                     pyreqwest loop: batchd's own HTTP client with no bookkeeping. Then batchd again on
                      10x the lines (row zero-latency-10x): peak server RSS should stay flat
                      (here: <= 1.25x the 1x run's).
   faults             failure_rate 0.05 (500s), latency 0.2 s, 20,000 lines, and a 60 s outage
@@ -525,11 +526,59 @@ def _ceiling(input_path: Path, base_url: str, concurrency: int) -> dict[str, Any
     return {"wall_s": wall, "cpu_s": time.process_time() - cpu0, "lines": len(bodies), "non_200": bad}
 
 
+async def _reqwest_loop(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, int]:
+    """The bare loop again with pyreqwest, the client batchd uses by default: what batchd's
+    own HTTP client could do with no bookkeeping at all."""
+    from datetime import timedelta
+
+    from pyreqwest.client import ClientBuilder
+
+    sem = asyncio.Semaphore(concurrency)
+    bad = 0
+    timeout = timedelta(seconds=300)
+    async with (
+        ClientBuilder().max_connections(concurrency).default_headers({"Content-Type": "application/json"})
+        .no_proxy().build()
+    ) as client:
+
+        async def post(body: bytes) -> None:
+            nonlocal bad
+            try:
+                resp = await client.post(url).body_bytes(body).timeout(timeout).build().send()
+                await resp.bytes()
+                bad += resp.status != 200
+            finally:
+                sem.release()
+
+        tasks: set[asyncio.Task[None]] = set()
+        t0 = time.monotonic()
+        for body in bodies:
+            await sem.acquire()
+            task = asyncio.create_task(post(body))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+        return time.monotonic() - t0, bad
+
+
+def _ceiling_reqwest(input_path: Path, base_url: str, concurrency: int) -> dict[str, Any]:
+    with input_path.open("rb") as f:
+        bodies = [orjson.dumps(orjson.loads(line)["body"]) for line in f if line.strip()]
+    import uvloop
+
+    cpu0 = time.process_time()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        wall, bad = runner.run(_reqwest_loop(base_url + "/chat/completions", bodies, concurrency))
+    return {"wall_s": wall, "cpu_s": time.process_time() - cpu0, "lines": len(bodies), "non_200": bad}
+
+
 def client_main(args: argparse.Namespace) -> int:
     """``--client pattern|ceiling``: run in its own process so its peak RSS is its own."""
     inp, url = Path(args.input), args.url
     if args.client == "pattern":
         res = asyncio.run(_pattern(inp, Path(args.output), url, args.concurrency))
+    elif args.client == "ceiling-reqwest":
+        res = _ceiling_reqwest(inp, url, args.concurrency)
     else:
         res = _ceiling(inp, url, args.concurrency)
     print("RESULT " + json.dumps(res), flush=True)
@@ -671,11 +720,12 @@ def run_zero_latency(scs: list[Scenario], args: argparse.Namespace) -> list[dict
     rows = []
     try:
         path, ids = prepare_input(args, one.lines)
-        print(f"== {one.name}: {one.lines:,} lines (batchd, then pattern, then ceiling)", flush=True)
+        print(f"== {one.name}: {one.lines:,} lines (batchd, then pattern, then the two ceilings)", flush=True)
         b = run_batchd(one, args, path, ids, one.name, fakes=[fake])
         p = run_client("pattern", fake, path, args)
         c = run_client("ceiling", fake, path, args)
-        args.raw[one.name] = {"batchd": b, "pattern": p, "ceiling": c}
+        cr = run_client("ceiling-reqwest", fake, path, args)
+        args.raw[one.name] = {"batchd": b, "pattern": p, "ceiling": c, "ceiling_reqwest": cr}
         vs_p, vs_c = b["lines_per_s"] / p["lines_per_s"], b["lines_per_s"] / c["lines_per_s"]
         ok = base_ok(b) and vs_p >= 10 and vs_c >= 0.6
         note = (f"lines/s batchd {b['lines_per_s']:,.0f}, pattern {p['lines_per_s']:,.0f}, "
@@ -685,7 +735,9 @@ def run_zero_latency(scs: list[Scenario], args: argparse.Namespace) -> list[dict
                 f"{b['peak_rss_mb'] / p['peak_rss_mb']:.2f}, batchd/ceiling "
                 f"{b['peak_rss_mb'] / c['peak_rss_mb']:.2f}; CPU µs/line (less load-sensitive): batchd "
                 f"server {us(b['server_cpu_s'], one.lines)}, pattern {us(p['cpu_s'], one.lines)}, "
-                f"ceiling {us(c['cpu_s'], one.lines)}; load {b['load_1min'][0]:.1f}")
+                f"ceiling {us(c['cpu_s'], one.lines)}; bare pyreqwest loop (batchd's client) "
+                f"{cr['lines_per_s']:,.0f} lines/s, {us(cr['cpu_s'], one.lines)} µs/line: batchd/it "
+                f"{b['lines_per_s'] / cr['lines_per_s']:.0%}; load {b['load_1min'][0]:.1f}")
         rows.append(row(one, b, ok, note))
         if not args.no_10x:
             path10, ids10 = prepare_input(args, ten.lines)
@@ -754,7 +806,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--py-spy", type=int, default=0, metavar="SECONDS",
                    help="record each batchd server with py-spy for SECONDS after create (raw format)")
     # Internal: a client-side run in its own process.
-    p.add_argument("--client", choices=["pattern", "ceiling"], help=argparse.SUPPRESS)
+    p.add_argument("--client", choices=["pattern", "ceiling", "ceiling-reqwest"], help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     # Dispatch.
     upstream_concurrency: int = Field(64, ge=1, le=10_000)
     request_timeout: float = Field(600.0, gt=0)
+    # The HTTP client for upstream requests, chosen by measurement (docs/benchmarks.md).
+    upstream_client: Literal["pyreqwest", "aiohttp"] = "pyreqwest"
     max_attempts: int = Field(8, ge=1)
     chunk_lines: int = Field(1000, ge=1)
     checkpoint_lines: int = Field(500, ge=1)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import orjson
+import pytest
 
 from batchd.engine.dispatch import Backoff, LineRequest, SendPolicy, send_line
 from batchd.engine.lanes import Router, UpstreamSpec
@@ -175,25 +177,64 @@ def test_429s_do_not_spend_attempts() -> None:
     assert result is not None and result.ok and calls == 11
 
 
-def test_http_upstream_passes_rate_limit_headers_to_the_lane() -> None:
+@pytest.mark.parametrize("client", ["aiohttp", "pyreqwest"])
+def test_http_upstreams_pass_rate_limit_headers_to_the_lane(client: str) -> None:
     """The lane learns limits only if the client hands the x-ratelimit-* headers through."""
     from batchd.testing import FakeUpstream
-    from batchd.upstreams.http import HttpUpstream
 
     async def go(url: str) -> UpstreamResponse:
-        client = HttpUpstream(url, None, 4)
+        upstream = _http_client(client, url)
         try:
-            return await client.send("/chat/completions", b'{"model": "m", "messages": []}', 5)
+            return await upstream.send("/chat/completions", b'{"model": "m", "messages": []}', 5)
         finally:
-            await client.aclose()
+            await upstream.aclose()
 
     with FakeUpstream.start_in_thread(rpm=600) as fu:
         resp = asyncio.run(go(fu.base_url))
-    assert resp.status == 200
+    assert resp.status == 200 and isinstance(resp.body, bytes)
+    assert json.loads(resp.body)["object"] == "chat.completion"
     assert resp.headers["x-ratelimit-limit-requests"] == "600"
     assert "x-ratelimit-remaining-requests" in resp.headers and resp.headers["x-request-id"].startswith(
         "req_"
     )
+
+
+@pytest.mark.parametrize("client", ["aiohttp", "pyreqwest"])
+def test_http_upstreams_map_refusals_and_timeouts(client: str) -> None:
+    """No HTTP answer is an UpstreamError (connection) or UpstreamTimeout (no answer in time);
+    an HTTP error status is an answer, with its body and retry hints."""
+    from batchd.testing import FakeUpstream
+
+    async def go(url: str, path: str, timeout: float) -> UpstreamResponse | Exception:
+        upstream = _http_client(client, url)
+        try:
+            return await upstream.send(path, b'{"model": "m", "messages": []}', timeout)
+        except UpstreamError as exc:
+            return exc
+        finally:
+            await upstream.aclose()
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    refused = asyncio.run(go(dead, "/chat/completions", 5))
+    assert type(refused) is UpstreamError and str(refused)
+    with FakeUpstream.start_in_thread(latency=2.0) as fu:
+        slow = asyncio.run(go(fu.base_url, "/chat/completions", 0.3))
+    assert isinstance(slow, UpstreamTimeout)
+    with FakeUpstream.start_in_thread(rpm=1) as fu:
+        first = asyncio.run(go(fu.base_url, "/chat/completions", 5))
+        limited = asyncio.run(go(fu.base_url, "/chat/completions", 5))
+    assert isinstance(first, UpstreamResponse) and first.status == 200
+    assert isinstance(limited, UpstreamResponse) and limited.status == 429
+    assert "retry-after" in limited.headers or "retry-after-ms" in limited.headers
+
+
+def _http_client(name: str, url: str):  # type: ignore[no-untyped-def]
+    from batchd.upstreams.http import HttpUpstream
+    from batchd.upstreams.reqwest import ReqwestUpstream
+
+    return (HttpUpstream if name == "aiohttp" else ReqwestUpstream)(url, None, 4)
 
 
 def test_deferred_backoff_is_handed_back_with_the_attempts_spent() -> None:

@@ -19,6 +19,7 @@ from batchd.engine.pacing import ConcurrencyWindow, Health, RateBudget
 from batchd.engine.retry import parse_retry_after
 from batchd.upstreams.base import Upstream
 from batchd.upstreams.http import HttpUpstream
+from batchd.upstreams.reqwest import ReqwestUpstream
 
 # Pace a little under a configured limit: the upstream's clock and ours drift, and arrivals
 # jitter. 2% costs 2% of time and removes nearly every 429 at the limit.
@@ -281,5 +282,6 @@ def build_router(settings: Settings) -> Router:
             max_concurrency=cfg.max_concurrency,
             weight=cfg.weight,
         )
-        pairs.append((spec, HttpUpstream(spec.url, spec.api_key, spec.max_concurrency)))
+        client = HttpUpstream if settings.upstream_client == "aiohttp" else ReqwestUpstream
+        pairs.append((spec, client(spec.url, spec.api_key, spec.max_concurrency)))
     return Router(pairs)
