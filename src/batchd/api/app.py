@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchd import __version__
-from batchd.api import admin, batches, errors, files, uploads
+from batchd.api import admin, batches, dashboard, errors, files, uploads
 from batchd.api.deps import authenticate
 from batchd.config import Settings
 from batchd.ids import request_id
@@ -51,6 +51,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with open_runtime(settings, with_worker=settings.run_worker) as rt:
         app.state.store, app.state.blobs = rt.store, rt.blobs
+        app.state.worker = rt.worker  # the dashboard shows its lanes; None with --no-worker
         app.state.keys = KeyCache(rt.store)
         task = asyncio.create_task(rt.worker.run()) if rt.worker else None
         log.info("batchd ready", extra={"action": "start"})
@@ -78,6 +79,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(batches.router, prefix="/v1", dependencies=auth)
     app.include_router(uploads.router, prefix="/v1", dependencies=auth)
     app.include_router(admin.router, prefix="/v1/admin", dependencies=auth)
+    app.include_router(dashboard.router, prefix="/v1", dependencies=auth)
+    app.include_router(dashboard.pages)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:

@@ -113,7 +113,7 @@ class BlobStore:
             return b""
         try:
             return bytes(await obstore.get_range_async(self.inner, key, start=start, end=end))
-        except NotFoundError as exc:
+        except (NotFoundError, FileNotFoundError) as exc:  # a local store raises the latter
             raise BlobMissing(f"missing object {key}") from exc
 
     async def stream(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
@@ -123,7 +123,7 @@ class BlobStore:
             options["range"] = (start, end) if end is not None else {"offset": start}
         try:
             result = await obstore.get_async(self.inner, key, options=options or None)  # type: ignore[arg-type]
-        except NotFoundError as exc:
+        except (NotFoundError, FileNotFoundError) as exc:
             raise BlobMissing(f"missing object {key}") from exc
         async for piece in result.stream(min_chunk_size=READ_CHUNK):
             yield bytes(piece)

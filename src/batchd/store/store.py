@@ -764,6 +764,47 @@ class Store:
             await conn.execute(delete(upload_parts).where(upload_parts.c.upload_id == upload_id))
         return keys
 
+    # ------------------------------------------------------------------------- dashboard
+
+    async def dashboard_batches(
+        self, project: str | None, *, recent: int, active_cap: int = 200
+    ) -> list[Row]:
+        """What the dashboard shows: every active batch (up to ``active_cap``) and the
+        ``recent`` newest others, newest first; ``project=None`` means every project (admin)."""
+        scope = [batches.c.project == project] if project is not None else []
+        active = batches.c.status.in_(ACTIVE_STATUSES)
+        newest = batches.c.seq.desc()
+        async with self.engine.connect() as conn:
+            rows = [
+                _row(r)
+                for q in (
+                    select(batches).where(*scope, active).order_by(newest).limit(active_cap),
+                    select(batches).where(*scope, ~active).order_by(newest).limit(recent),
+                )
+                for r in await conn.execute(q)
+            ]
+        return sorted(rows, key=lambda r: r["seq"], reverse=True)
+
+    async def batch_status_counts(self, project: str | None) -> dict[str, int]:
+        """How many batches are in each status (one project, or all for ``None``)."""
+        q = select(batches.c.status, func.count()).group_by(batches.c.status)
+        if project is not None:
+            q = q.where(batches.c.project == project)
+        async with self.engine.connect() as conn:
+            return {status: int(n) for status, n in await conn.execute(q)}
+
+    async def error_parts(self, batch_ids: Sequence[str]) -> list[tuple[str, str, int]]:
+        """(batch id, blob key, bytes) of every error part of these batches."""
+        if not batch_ids:
+            return []
+        q = (
+            select(result_parts.c.batch_id, result_parts.c.err_key, result_parts.c.err_bytes)
+            .where(result_parts.c.batch_id.in_(list(batch_ids)), result_parts.c.err_key.is_not(None))
+            .order_by(result_parts.c.id)
+        )
+        async with self.engine.connect() as conn:
+            return [(b, k, int(n)) for b, k, n in await conn.execute(q)]
+
     # --------------------------------------------------------------------------- helpers
 
     def _picked(self, pick: Any, name: str, of: Any = None) -> Any:
