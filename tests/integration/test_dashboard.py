@@ -205,3 +205,9 @@ def test_keys_scope_the_page_and_never_reach_a_url(
         assert key not in server.log()
     assert any("/v1/dashboard/state" in u for u in p.urls)
     assert p.errors == [], p.errors
+
+    # The console check itself can fail: an error logged by a page is caught.
+    probe = open_page()
+    probe.page.goto(server.base_url[:-3] + "/dashboard")
+    probe.page.evaluate("console.error('probe')")
+    wait_until(lambda: probe.errors == ["console: probe"], 5, what="the console listener")
