@@ -72,6 +72,7 @@ def test_page_state_error_codes_and_lanes(server: Server, fake_upstream: FakeUps
     (lane,) = up["lanes"]
     assert lane["model"] == "fake-model" and lane["sent"] == 9 and lane["in_flight"] == 0
     assert lane["window_max"] == up["max_concurrency"] and lane["rpm_limit"] is None
+    assert 1 <= lane["window"] <= lane["window_max"] and isinstance(lane["slow_start"], bool)
     assert "url" not in str(up).lower()
 
 
@@ -88,7 +89,7 @@ def test_api_only_server_says_lanes_are_elsewhere(
 def test_keys_scope_state_and_cancel(
     make_server: Callable[..., Server], fake_upstream: FakeUpstreamHandle
 ) -> None:
-    fake_upstream.configure(latency=0.05)  # a 200-line batch at 2 in flight outlives the test
+    fake_upstream.configure(latency=0.05)  # 1,000 lines at 2 in flight: ~25 s, cancelled long before
     server = make_server(fake_upstream.base_url, batchd_upstream_concurrency="2")
     alpha = new_key_in_process(server, "alpha")
     beta = new_key_in_process(server, "beta")
@@ -101,8 +102,8 @@ def test_keys_scope_state_and_cancel(
     assert unauth.status_code == 401 and unauth.json()["error"]["code"] == "invalid_api_key"
     assert raw(server, "GET", "/dashboard/state", "bd-wrong-key-000").status_code == 401
 
-    a_batch = submit(client(server, alpha), [request_line(i) for i in range(200)])
-    b_batch = submit(client(server, beta), [request_line(i) for i in range(200)])
+    a_batch = submit(client(server, alpha), [request_line(i) for i in range(1000)])
+    b_batch = submit(client(server, beta), [request_line(i) for i in range(1000)])
 
     mine = state(server, alpha)
     assert [b["id"] for b in mine["batches"]] == [a_batch.id]
@@ -122,7 +123,7 @@ def test_keys_scope_state_and_cancel(
     assert r.status_code == 200 and r.json()["status"] in ("cancelling", "cancelled")
     assert_schema("Batch", r.json())
     assert raw(server, "POST", "/dashboard/batches/batch_nope/cancel", admin).status_code == 404
-    assert wait_terminal(client(server, beta), b_batch.id).status == "cancelled"
     own = raw(server, "POST", f"/dashboard/batches/{a_batch.id}/cancel", alpha)
     assert own.status_code == 200 and own.json()["status"] in ("cancelling", "cancelled")
+    assert wait_terminal(client(server, beta), b_batch.id).status == "cancelled"
     assert alpha not in server.log() and admin not in server.log()

@@ -119,6 +119,7 @@ def _lane_view(lane: Lane, now: float) -> dict[str, Any]:
         "model": lane.model,
         "window": lane.window.size,
         "window_max": lane.window.maximum,
+        "slow_start": lane.window.slow_start,
         "in_flight": lane.window.in_flight,
         "rpm_limit": lane.limits["requests"],
         "rpm_paced": lane.rpm.per_minute,

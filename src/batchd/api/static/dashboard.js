@@ -423,7 +423,7 @@
       for (const l of u.lanes) {
         data.push([
           ["", u.name], ["", l.model], health,
-          ["num", l.in_flight + " / " + l.window + " (" + l.window_max + ")"],
+          ["num", l.in_flight + " / " + l.window + " (" + l.window_max + ")" + (l.slow_start ? " slow start" : "")],
           ["num", fmtLimit(l.rpm_paced, l.rpm_limit)],
           ["num", fmtLimit(l.tpm_paced, l.tpm_limit)],
           ["num", l.paused_for > 0 ? fmtDuration(l.paused_for) : "–"],
