@@ -74,7 +74,7 @@ def wait_auth_on(server: Server) -> None:
 def tenants(
     make_server: Callable[..., Server], fake_upstream: FakeUpstreamHandle
 ) -> tuple[Server, dict[str, str]]:
-    server = make_server(fake_upstream.base_url, upstream_api_key=UPSTREAM_KEY)
+    server = make_server(fake_upstream.base_url, batchd_upstream_api_key=UPSTREAM_KEY)
     keys = {
         "a": new_key(server, "alpha"),
         "b": new_key(server, "beta"),
@@ -197,7 +197,7 @@ def test_admin_routes_and_quotas(tenants: tuple[Server, dict[str, str]]) -> None
 def test_forbidden_body_fields_and_upstream_key_never_leaks(
     make_server: Callable[..., Server], fake_upstream: FakeUpstreamHandle
 ) -> None:
-    server = make_server(fake_upstream.base_url, upstream_api_key=UPSTREAM_KEY)
+    server = make_server(fake_upstream.base_url, batchd_upstream_api_key=UPSTREAM_KEY)
     c = server.client()
     bad = jsonl(
         [request_line(1), request_line(2, base_url="http://evil.example"), request_line(3, api_key="x")]
@@ -219,6 +219,8 @@ def test_forbidden_body_fields_and_upstream_key_never_leaks(
     seen = [c.files.content(b.output_file_id).text, c.batches.retrieve(b.id).model_dump_json(), server.log()]
     seen += [raw(server, "GET", p, None).text for p in ("/files", "/batches", "/files/nope", "/nope")]
     assert not any(UPSTREAM_KEY in s for s in seen)
+    # ... while the upstream did get it on every request: the key was really configured.
+    assert fake_upstream.stats()["by_authorization"] == {f"Bearer {UPSTREAM_KEY}": 5}
 
 
 def test_serve_refuses_open_on_a_public_address(tmp_path: Any) -> None:

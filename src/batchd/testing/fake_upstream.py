@@ -392,6 +392,7 @@ class FakeUpstream:
         self._requests = self._repeated = 0
         self._by_status: dict[int, int] = {}
         self._by_path: dict[str, int] = {}
+        self._by_auth: dict[str, int] = {}  # Authorization header ("" when absent) -> requests
         self._max_in_flight = self._in_flight
         self._success: dict[bytes, int] = {}  # digest -> 200s; key present = body seen
         self._attempts: dict[bytes, int] = {}
@@ -401,6 +402,7 @@ class FakeUpstream:
             "requests": self._requests,
             "by_status": dict(self._by_status),
             "by_path": dict(self._by_path),
+            "by_authorization": dict(self._by_auth),
             "in_flight": self._in_flight,
             "max_in_flight": self._max_in_flight,
             "distinct_bodies": len(self._success),
@@ -533,6 +535,8 @@ class FakeUpstream:
         async def handler(request: web.Request) -> web.Response:
             self._requests += 1
             self._by_path[request.path] = self._by_path.get(request.path, 0) + 1
+            auth = request.headers.get("Authorization", "")
+            self._by_auth[auth] = self._by_auth.get(auth, 0) + 1
             raw = await request.read() if ep != "models" else b""
             digest = hashlib.sha1(raw).digest()
             if ep != "models":
