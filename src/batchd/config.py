@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from batchd.durations import parse_duration
+from batchd.durations import parse_duration, seconds
 
 
 class UpstreamConfig(BaseModel):
@@ -105,6 +106,22 @@ class Settings(BaseSettings):
     quota_max_queued_lines: int = Field(50_000_000, ge=0)
     quota_max_queued_tokens: int = Field(5_000_000_000, ge=0)
 
+    # Webhooks (an extension; see docs/api.md and docs/security.md).
+    webhook_allow_http: bool = False
+    # Networks (CIDRs or single addresses) that webhooks may reach although they are private,
+    # loopback, link-local or otherwise not globally routable.
+    webhook_allow_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_timeout: float = Field(10.0, gt=0)
+    # Seconds to wait before each retry (durations like 30s or 2m, or plain seconds); the
+    # number of attempts is one more than its length. Each wait is jittered by +-20%.
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0]
+    )
+    webhook_max_age: float = Field(3 * 86400.0, gt=0)
+    webhook_poll_interval: float = Field(1.0, gt=0)
+    webhook_concurrency: int = Field(16, ge=1, le=1000)
+    webhook_secret_grace: float = Field(86400.0, ge=0)
+
     run_worker: bool = True
 
     @field_validator("completion_windows", mode="before")
@@ -116,6 +133,33 @@ class Settings(BaseSettings):
             for item in value:
                 parse_duration(str(item))
         return value
+
+    @field_validator("webhook_allow_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            for item in value:
+                ipaddress.ip_network(str(item), strict=False)
+        return value
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _split_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            out = [seconds(item) for item in value]
+            if any(x < 0 for x in out):
+                raise ValueError("retry waits must not be negative")
+            return out
+        return value
+
+    @field_validator("webhook_max_age", "webhook_secret_grace", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return seconds(value) if isinstance(value, str) else value
 
     @field_validator("upstream_url")
     @classmethod

@@ -20,3 +20,14 @@ def parse_duration(text: str) -> int:
     if not text or pos != len(text) or total <= 0:
         raise ValueError(f"not a duration: {text!r} (use forms like 24h, 90s, 1h30m)")
     return total
+
+
+def seconds(value: object) -> float:
+    """Seconds as a number (``0.5``, ``"0.5"``, ``"0.5s"``) or a duration (``"2m"``, ``"1h30m"``)."""
+    if isinstance(value, int | float):
+        return float(value)
+    text = str(value).strip().lower()
+    try:
+        return float(text.removesuffix("s"))
+    except ValueError:
+        return float(parse_duration(text))

@@ -150,6 +150,8 @@ class CreateBatchRequest(BaseModel):
     completion_window: str
     metadata: dict[str, str] | None = None
     output_expires_after: ExpiresAfter | None = None
+    # Extension (as Inference.net accepts it): POST the batch's terminal event here.
+    webhook_url: str | None = None
 
 
 # Output lines (one per request) are built on the hot path with orjson from plain dicts of

@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchd import __version__
-from batchd.api import admin, batches, dashboard, errors, files, uploads
+from batchd.api import admin, batches, dashboard, errors, files, uploads, webhooks
 from batchd.api.deps import authenticate
 from batchd.config import Settings
 from batchd.ids import request_id
@@ -81,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(admin.router, prefix="/v1/admin", dependencies=auth)
     app.include_router(dashboard.router, prefix="/v1", dependencies=auth)
     app.include_router(dashboard.pages)
+    app.include_router(webhooks.router, prefix="/v1/admin", dependencies=auth)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:

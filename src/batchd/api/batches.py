@@ -12,6 +12,7 @@ from batchd import protocol as p
 from batchd.api.deps import ProjectDep, SettingsDep, StoreDep
 from batchd.api.presenters import batch_object
 from batchd.api.quotas import check_quotas
+from batchd.api.webhooks import check_webhook_url, prepare_project
 from batchd.errors import InvalidRequest, NotFound
 from batchd.ids import batch_id
 
@@ -63,6 +64,8 @@ async def create_batch(
             code="invalid_value",
         )
     _check_metadata(req.metadata)
+    if req.webhook_url is not None:
+        check_webhook_url(settings, req.webhook_url)
     source = await store.get_file(project, req.input_file_id)
     if source is None:
         raise NotFound(f"No such File object: {req.input_file_id}", param="input_file_id")
@@ -80,6 +83,8 @@ async def create_batch(
         add_lines=source.get("line_count") or 0,
         add_tokens=source.get("est_tokens") or 0,
     )
+    if req.webhook_url is not None:
+        await prepare_project(store, project)
     now = int(time.time())
     row = await store.insert_batch(
         id=batch_id(),
@@ -92,6 +97,7 @@ async def create_batch(
         output_expires_seconds=req.output_expires_after.seconds if req.output_expires_after else None,
         created_at=now,
         expires_at=now + windows[req.completion_window],
+        webhook_url=req.webhook_url,
     )
     return batch_object(row)
 

@@ -2,9 +2,9 @@
 
 It reads like this: a stop event; a bounded queue of lines fed by one feeder per leased chunk;
 ``concurrency`` senders draining it (a line in backoff waits on a timer, not in a sender, and
-comes back at the queue's front); side tasks for checkpoints, heartbeats and watching for
-cancel and expiry; and a loop that leases work, runs validation and finalization jobs, and
-cleans up. ``run_until_idle`` serves tests and one-shot runs.
+comes back at the queue's front); side tasks for checkpoints, heartbeats, watching for
+cancel and expiry, and the webhook outbox; and a loop that leases work, runs validation and
+finalization jobs, and cleans up. ``run_until_idle`` serves tests and one-shot runs.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from batchd.errors import BatchdError
 from batchd.ingest.lines import clean, split_block
 from batchd.store import Store
 from batchd.store.store import Row
+from batchd.webhooks.delivery import WebhookDeliverer
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Worker:
         self._batches: dict[str, BatchInfo] = {}
         self._finalizing: set[str] = set()
         self._validating = False
+        self.webhooks = WebhookDeliverer(settings, store, self.owner)
         chunks_needed = -(-self.senders // settings.chunk_lines)
         self.max_runs = max(4, 2 * chunks_needed)
 
@@ -87,6 +89,7 @@ class Worker:
             asyncio.create_task(self._every(1.0, self._share_budget)),
             asyncio.create_task(self._every(30.0, self._purge)),
             asyncio.create_task(self._every(self.settings.janitor_interval, self._sweep, at_start=True)),
+            asyncio.create_task(self.webhooks.run(self.stop)),
         ]
         try:
             while not self.stop.is_set():
@@ -99,6 +102,7 @@ class Worker:
             for task in sides + senders:
                 task.cancel()
             await asyncio.gather(*sides, *senders, return_exceptions=True)
+            await self.webhooks.aclose()
 
     async def run_until_idle(self, idle_ticks: int = 3) -> None:
         """Run until nothing is left to validate, dispatch or finalize (``batchd run``)."""
@@ -188,6 +192,7 @@ class Worker:
                     self.store, self.blobs, self.settings, self.owner
                 ):
                     self.wake.set()
+                    self.webhooks.wake.set()  # a failed validation has an event to send
             finally:
                 self._validating = False
 
@@ -206,6 +211,7 @@ class Worker:
                 finally:
                     self._finalizing.discard(bid)
                     self._batches.pop(bid, None)
+                    self.webhooks.wake.set()  # its event is in the outbox: send it now
 
             self._spawn(job())
 

@@ -7,6 +7,7 @@ the chunk, so a worker that lost its lease can never add a result twice.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from batchd.store.tables import (
     upload_parts,
     uploads,
 )
+from batchd.store.webhooks import WebhookQueries, enqueue_batch_events
 
 Row = dict[str, Any]
 ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
@@ -55,7 +57,7 @@ def _row(r: Any) -> Row:
     return dict(r._mapping)
 
 
-class Store:
+class Store(WebhookQueries):
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
@@ -350,7 +352,10 @@ class Store:
             )
         )
         async with self.engine.begin() as conn:
-            return (await conn.execute(q)).rowcount == 1
+            if (await conn.execute(q)).rowcount != 1:
+                return False
+            await enqueue_batch_events(conn, batch_id, "failed", now)
+        return True
 
     # ---------------------------------------------------------------------------- chunks
 
@@ -539,7 +544,8 @@ class Store:
         output_file: Row | None,
         error_file: Row | None,
     ) -> bool:
-        """The one transaction that ends a batch: tail part, result files, terminal status."""
+        """The one transaction that ends a batch: tail part, result files, terminal status,
+        and the webhook outbox rows of its event."""
         async with self.engine.begin() as conn:
             res = await conn.execute(
                 update(batches)
@@ -564,6 +570,7 @@ class Store:
             for f in (output_file, error_file):
                 if f is not None:
                     await conn.execute(insert(files).values(**f))
+            await enqueue_batch_events(conn, batch_id, status, stamps.get(f"{status}_at") or int(time.time()))
         return True
 
     async def set_status(self, batch_id: str, owner: str, status: str, stamps: dict[str, int]) -> None:

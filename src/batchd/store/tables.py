@@ -85,6 +85,8 @@ batches = Table(
     # Validation and finalization are leased like chunks, so one worker does each.
     Column("job_owner", String(64)),
     Column("job_expires_at", Float),
+    # Extension: where to POST this batch's terminal event (checked against the SSRF policy).
+    Column("webhook_url", Text),
 )
 Index("ix_batches_project_seq", batches.c.project, batches.c.seq)
 Index("ix_batches_status", batches.c.status)
@@ -182,3 +184,55 @@ upload_parts = Table(
     Column("created_at", BigInteger, nullable=False),
 )
 Index("ix_upload_parts_upload", upload_parts.c.upload_id)
+
+# Webhooks (an extension). A project's Standard Webhooks signing secret (``whsec_…``), kept in
+# the clear because signing needs it; after a rotation the previous one signs too until
+# ``previous_until``, so receivers can switch without losing a delivery.
+webhook_secrets = Table(
+    "webhook_secrets",
+    metadata,
+    Column("project", String(128), primary_key=True),
+    Column("secret", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("previous_secret", Text),
+    Column("previous_until", BigInteger),
+)
+
+# Endpoints an admin set for a project: every terminal event of the project's batches.
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("project", String(128), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("description", Text),
+    Column("created_at", BigInteger, nullable=False),
+)
+Index("ix_webhook_endpoints_project", webhook_endpoints.c.project)
+
+# The outbox: one row per (event, destination), inserted in the transaction that ends the
+# batch; leased by one worker at a time while it is being sent.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False),
+    Column("event_type", String(32), nullable=False),
+    Column("event_created_at", BigInteger, nullable=False),
+    Column("project", String(128), nullable=False),
+    Column("batch_id", String(64), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("endpoint_id", String(64)),
+    # pending -> delivered | failed
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("lease_owner", String(64)),
+    Column("lease_expires_at", Float),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Column("delivered_at", BigInteger),
+)
+Index("ix_webhook_deliveries_due", webhook_deliveries.c.state, webhook_deliveries.c.next_attempt_at)
+Index("ix_webhook_deliveries_project_seq", webhook_deliveries.c.project, webhook_deliveries.c.seq)
