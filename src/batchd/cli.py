@@ -223,6 +223,75 @@ def keys_revoke(
     typer.echo(f"revoked {key_id}")
 
 
+# ------------------------------------------------------------------------- webhooks
+
+webhooks_app = typer.Typer(
+    no_args_is_help=True, help="A project's webhook endpoints and signing secret (talks to the database)."
+)
+app.add_typer(webhooks_app, name="webhooks")
+ProjectOpt = Annotated[str, typer.Option(help="The project")]
+
+
+@webhooks_app.command("add")
+def webhooks_add(
+    url: Annotated[str, typer.Argument(help="https://… that receives every batch event of the project")],
+    project: ProjectOpt,
+    description: Annotated[str | None, typer.Option(help="A label for lists")] = None,
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Add an endpoint; prints the project's signing secret when this made it (shown once)."""
+    from batchd.webhooks.delivery import policy_of
+    from batchd.webhooks.manage import add_endpoint
+    from batchd.webhooks.policy import WebhookURLError
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    try:
+        ep = _on_store(settings, lambda s: add_endpoint(s, policy_of(settings), project, url, description))
+    except WebhookURLError as exc:
+        typer.echo(f"batchd: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"{ep['id']}\t{project}\t{url}")
+    if "secret" in ep:
+        typer.echo(ep["secret"])
+        typer.echo("the project's signing secret: store it now, it is not shown again", err=True)
+
+
+@webhooks_app.command("list")
+def webhooks_list(project: ProjectOpt, data_dir: DataDirOpt = None, database_url: DatabaseOpt = None) -> None:
+    """List the project's endpoints."""
+    for r in _with_store(data_dir, database_url, lambda s: s.list_webhook_endpoints(project)):
+        typer.echo(f"{r['id']}\t{r['project']}\t{r['url']}\t{r['description'] or ''}")
+
+
+@webhooks_app.command("remove")
+def webhooks_remove(
+    endpoint_id: Annotated[str, typer.Argument()],
+    project: ProjectOpt,
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Remove an endpoint (events already queued for it are still sent)."""
+    if not _with_store(data_dir, database_url, lambda s: s.delete_webhook_endpoint(project, endpoint_id)):
+        typer.echo(f"batchd: no such endpoint in project {project}: {endpoint_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"removed {endpoint_id}")
+
+
+@webhooks_app.command("rotate-secret")
+def webhooks_rotate(
+    project: ProjectOpt, data_dir: DataDirOpt = None, database_url: DatabaseOpt = None
+) -> None:
+    """Make the project a new signing secret and print it once; the previous one keeps
+    signing too for BATCHD_WEBHOOK_SECRET_GRACE (1 day)."""
+    from batchd.webhooks.manage import rotate_secret
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    row = _on_store(settings, lambda s: rotate_secret(s, project, settings.webhook_secret_grace))
+    typer.echo(row["secret"])
+    typer.echo("store it now, it is not shown again", err=True)
+
+
 @app.command()
 def worker(
     data_dir: Annotated[

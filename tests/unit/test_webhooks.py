@@ -310,3 +310,26 @@ def test_secret_rotation_keeps_the_previous_one_for_a_while(store_url: str) -> N
             await store.close()
 
     asyncio.run(go())
+
+
+def test_cli_manages_endpoints_and_the_secret(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from batchd.cli import app
+
+    runner = CliRunner()
+    opts = ["--project", "p", "--data-dir", str(tmp_path)]
+    added = runner.invoke(app, ["webhooks", "add", "https://example.com/h", *opts])
+    assert added.exit_code == 0, added.output
+    ep_id, secret = added.stdout.split("\n")[0].split("\t")[0], added.stdout.split("\n")[1]
+    assert ep_id.startswith("we_") and secret.startswith("whsec_")
+    second = runner.invoke(app, ["webhooks", "add", "https://example.org/h", *opts])
+    assert "whsec_" not in second.stdout  # the secret is shown once
+    refused = runner.invoke(app, ["webhooks", "add", "https://10.0.0.1/h", *opts])
+    assert refused.exit_code == 2 and "private" in refused.output
+    listed = runner.invoke(app, ["webhooks", "list", *opts]).stdout
+    assert ep_id in listed and "example.org" in listed
+    rotated = runner.invoke(app, ["webhooks", "rotate-secret", *opts]).stdout.strip()
+    assert rotated.startswith("whsec_") and rotated != secret
+    assert runner.invoke(app, ["webhooks", "remove", ep_id, *opts]).exit_code == 0
+    assert runner.invoke(app, ["webhooks", "remove", ep_id, *opts]).exit_code == 1

@@ -83,30 +83,30 @@ class AddressPolicy:
         """The URL if this server may call it; ``WebhookURLError`` otherwise. A hostname
         passes here and is judged again, by the addresses it resolves to, at every delivery."""
         if len(url) > MAX_URL_LENGTH:
-            raise WebhookURLError(f"webhook_url may be at most {MAX_URL_LENGTH} characters.")
+            raise WebhookURLError(f"The webhook URL may be at most {MAX_URL_LENGTH} characters.")
         try:
             parts = urlsplit(url)
             port = parts.port
         except ValueError as exc:
-            raise WebhookURLError(f"webhook_url is not a valid URL: {exc}.") from exc
+            raise WebhookURLError(f"The webhook URL is not a valid URL: {exc}.") from exc
         scheme = parts.scheme.lower()
         if scheme not in ("https", "http"):
-            raise WebhookURLError("webhook_url must be an https:// URL.")
+            raise WebhookURLError("The webhook URL must be an https:// URL.")
         if scheme == "http" and not self.allow_http:
             raise WebhookURLError(
-                "webhook_url must use https; this server does not allow plain http webhooks."
+                "The webhook URL must use https; this server does not allow plain http webhooks."
             )
         if parts.username is not None or parts.password is not None:
-            raise WebhookURLError("webhook_url must not contain credentials.")
+            raise WebhookURLError("The webhook URL must not contain credentials.")
         host = parts.hostname
         if not host:
-            raise WebhookURLError("webhook_url has no host.")
+            raise WebhookURLError("The webhook URL has no host.")
         if port == 0:
-            raise WebhookURLError("webhook_url has an invalid port.")
+            raise WebhookURLError("The webhook URL has an invalid port.")
         ip = literal_ip(host)
         if ip is not None and not self.address_allowed(ip):
             raise WebhookURLError(
-                f"webhook_url points at {ip}, a private, loopback or reserved address; "
+                f"The webhook URL points at {ip}, a private, loopback or reserved address; "
                 "this server does not send webhooks there."
             )
         return url
