@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     max_lines_per_batch: int = Field(5_000_000, ge=1)
     max_validation_errors: int = Field(100, ge=1)
     max_line_bytes: int = Field(50 * 1024**2, ge=1)
+    # The HTTP edge (docs/security.md): bodies of the JSON routes are read whole, so they are
+    # capped; uploads stream and have their own caps above. A body that stalls is dropped.
+    max_request_bytes: int = Field(1024**2, ge=1)
+    max_json_depth: int = Field(64, ge=1, le=1000)
+    body_idle_timeout: float = Field(30.0, gt=0)
 
     # Tenancy. With no API key defined the server is open only on a loopback address.
     insecure_open: bool = False

@@ -78,6 +78,13 @@ class PayloadTooLarge(InvalidRequest):
     status_code = 413
 
 
+class RequestTimeout(InvalidRequest):
+    """The request body stalled for longer than ``body_idle_timeout``; the connection is closed."""
+
+    status_code = 408
+    code = "request_timeout"
+
+
 class ServiceUnavailable(BatchdError):
     status_code = 503
     type = "server_error"

@@ -23,11 +23,14 @@ class CreateKeyRequest(BaseModel):
     is_admin: bool = False
 
 
+INT64_MAX = 2**63 - 1  # the database's BIGINT: larger values would fail in the driver
+
+
 class QuotaUpdate(BaseModel):
-    max_stored_bytes: int | None = Field(None, ge=0)
-    max_active_batches: int | None = Field(None, ge=0)
-    max_queued_lines: int | None = Field(None, ge=0)
-    max_queued_tokens: int | None = Field(None, ge=0)
+    max_stored_bytes: int | None = Field(None, ge=0, le=INT64_MAX)
+    max_active_batches: int | None = Field(None, ge=0, le=INT64_MAX)
+    max_queued_lines: int | None = Field(None, ge=0, le=INT64_MAX)
+    max_queued_tokens: int | None = Field(None, ge=0, le=INT64_MAX)
 
 
 def key_object(row: dict[str, Any], secret: str | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from batchd import __version__
 from batchd.api import admin, batches, dashboard, errors, files, uploads, webhooks
 from batchd.api.deps import authenticate
+from batchd.api.edge import EdgeGuard
 from batchd.config import Settings
 from batchd.ids import request_id
 from batchd.keys import KeyCache
@@ -72,6 +73,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.add_middleware(EdgeGuard)  # inside RequestIdMiddleware: its errors carry the id too
     app.add_middleware(RequestIdMiddleware)
     errors.install(app)
     auth = [Depends(authenticate)]

@@ -14,11 +14,20 @@ from batchd.errors import BatchdError, InvalidRequest, MissingParameter
 log = logging.getLogger(__name__)
 
 
-def _render(request: Request, exc: BatchdError) -> JSONResponse:
-    headers = {"x-request-id": getattr(request.state, "request_id", "")}
+def error_response(exc: BatchdError, request_id: str) -> JSONResponse:
+    """The one rendering of an error; also used by the edge middleware, which runs outside
+    FastAPI's exception handlers."""
+    headers = {"x-request-id": request_id}
     if exc.status_code in (409, 429):
         headers["x-should-retry"] = "false"
+    if exc.status_code in (408, 413):
+        # The body was not read to its end: the connection cannot carry another request.
+        headers["connection"] = "close"
     return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=headers)
+
+
+def _render(request: Request, exc: BatchdError) -> JSONResponse:
+    return error_response(exc, getattr(request.state, "request_id", ""))
 
 
 def translate_validation(exc: RequestValidationError) -> BatchdError:
@@ -28,6 +37,11 @@ def translate_validation(exc: RequestValidationError) -> BatchdError:
     param = ".".join(loc) or None
     if first.get("type") == "missing" and param:
         return MissingParameter(param)
+    if first.get("type") == "model_attributes_type" and param is None:
+        return InvalidRequest(
+            "The request body must be a JSON object, sent with Content-Type: application/json.",
+            code="invalid_json",
+        )
     if first.get("type") == "json_invalid" or param is None:
         return InvalidRequest("We could not parse the JSON body of your request.", code="invalid_json")
     kind = "invalid_type" if str(first.get("type", "")).endswith("_type") else "invalid_value"
@@ -51,6 +65,12 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404:
             err.message = f"Unknown request URL: {request.method} {request.url.path}."
             err.code = "unknown_url"
+        elif exc.status_code == 405:
+            err.code = "method_not_allowed"
+        elif exc.status_code == 400:
+            # FastAPI's "There was an error parsing the body": the edge already rejects bodies
+            # that are not UTF-8 or not JSON, so this is a last resort.
+            err.code = "invalid_json"
         return _render(request, err)
 
     @app.exception_handler(Exception)

@@ -85,8 +85,9 @@ def too_large(max_bytes: int) -> PayloadTooLarge:
 class _Upload:
     """Receives one multipart body: small fields into a dict, the file part into storage."""
 
-    def __init__(self, blobs: BlobStore, key: str, max_bytes: int):
+    def __init__(self, blobs: BlobStore, key: str, max_bytes: int, idle_timeout: float):
         self.blobs, self.key, self.max_bytes = blobs, key, max_bytes
+        self.idle_timeout = idle_timeout
         self.fields: dict[str, str] = {}
         self.writer: BlobWriter | None = None
         self.filename = "upload"
@@ -125,7 +126,7 @@ class _Upload:
 
     async def receive(self, request: Request) -> BlobWriter:
         try:
-            async for kind, payload in iter_multipart(request):
+            async for kind, payload in iter_multipart(request, self.idle_timeout):
                 if kind == "start":
                     self.start(payload)
                 elif kind == "data":
@@ -152,7 +153,7 @@ async def create_file(
     await check_quotas(store, settings, project, add_bytes=1)
     fid = file_id()
     key = f"files/{fid}"
-    upload = _Upload(blobs, key, settings.max_file_bytes)
+    upload = _Upload(blobs, key, settings.max_file_bytes, settings.body_idle_timeout)
     writer = await upload.receive(request)
     fields, filename = upload.fields, upload.filename
     now = int(time.time())

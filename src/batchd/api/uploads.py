@@ -15,6 +15,7 @@ from batchd import protocol as p
 from batchd.api.deps import BlobsDep, ProjectDep, SettingsDep, StoreDep
 from batchd.api.files import _check_filename, too_large
 from batchd.api.presenters import file_object
+from batchd.api.quotas import check_quotas
 from batchd.blobs import BlobStore, BlobWriter
 from batchd.errors import BatchdError, InvalidRequest, MissingParameter, NotFound, PayloadTooLarge
 from batchd.ids import file_id, part_id, upload_id
@@ -85,6 +86,9 @@ async def create_upload(
         err = too_large(settings.max_file_bytes)
         err.param = "bytes"
         raise err
+    # The declared size must fit the project's byte quota now; each part is checked again as
+    # it is stored (parts count as stored bytes until the upload ends).
+    await check_quotas(store, settings, project, add_bytes=max(1, body.bytes))
     now = int(time.time())
     row = await store.insert_upload(
         id=upload_id(),
@@ -110,9 +114,15 @@ async def _discard(blobs: BlobStore, writer: BlobWriter) -> None:
 
 @router.post("/uploads/{upload_id}/parts", response_model=p.UploadPart)
 async def add_part(  # noqa: C901 - one streaming loop with its checks
-    upload_id: str, request: Request, store: StoreDep, blobs: BlobsDep, project: ProjectDep
+    upload_id: str,
+    request: Request,
+    store: StoreDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    project: ProjectDep,
 ) -> p.UploadPart:
     await _pending(store, project, upload_id, "add a part to")
+    await check_quotas(store, settings, project, add_bytes=1)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > p.MAX_PART_BYTES + MAX_FIELD_BYTES:
         raise part_too_large()
@@ -121,7 +131,7 @@ async def add_part(  # noqa: C901 - one streaming loop with its checks
     writer: BlobWriter | None = None
     in_data = False
     try:
-        async for kind, payload in iter_multipart(request):
+        async for kind, payload in iter_multipart(request, settings.body_idle_timeout):
             if kind == "start":
                 in_data = payload.name == "data"
                 if in_data:
@@ -137,6 +147,7 @@ async def add_part(  # noqa: C901 - one streaming loop with its checks
         if writer is None:
             raise MissingParameter("data")
         await writer.close()
+        await check_quotas(store, settings, project, add_bytes=max(1, writer.size))
         now = int(time.time())
         if not await store.add_upload_part(
             id=pid, upload_id=upload_id, bytes=writer.size, blob_key=key, created_at=now

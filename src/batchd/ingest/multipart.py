@@ -14,6 +14,7 @@ from python_multipart.multipart import MultipartParseError, MultipartParser, par
 from starlette.requests import ClientDisconnect, Request
 
 from batchd.errors import InvalidRequest
+from batchd.ingest.body import body_pieces
 
 MAX_FIELD_BYTES = 64 * 1024
 
@@ -90,12 +91,13 @@ def _parser(boundary: bytes, ev: _Events) -> MultipartParser:
     )
 
 
-async def iter_multipart(request: Request) -> AsyncIterator[tuple[str, Any]]:
-    """Yield ("start", PartStart), ("data", bytes), ("end", None) in order."""
+async def iter_multipart(request: Request, idle_timeout: float) -> AsyncIterator[tuple[str, Any]]:
+    """Yield ("start", PartStart), ("data", bytes), ("end", None) in order. A body that stalls
+    for ``idle_timeout`` seconds raises ``RequestTimeout`` (the caller drops what it stored)."""
     ev = _Events()
     parser = _parser(boundary_of(request), ev)
     try:
-        async for piece in request.stream():
+        async for piece in body_pieces(request.receive, idle_timeout):
             parser.write(piece)
             for item in ev.items:
                 yield item

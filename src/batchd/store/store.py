@@ -661,6 +661,13 @@ class Store(WebhookQueries):
         stored = select(func.coalesce(func.sum(files.c.bytes), 0)).where(
             files.c.project == project, files.c.deleted_at.is_(None)
         )
+        # Parts of uploads count too: they are stored bytes until the upload completes (into a
+        # file) or ends (and they are deleted).
+        parts = (
+            select(func.coalesce(func.sum(upload_parts.c.bytes), 0))
+            .join(uploads, uploads.c.id == upload_parts.c.upload_id)
+            .where(uploads.c.project == project)
+        )
         active = (
             select(
                 batches.c.total, batches.c.completed, batches.c.failed, files.c.line_count, files.c.est_tokens
@@ -671,6 +678,7 @@ class Store(WebhookQueries):
         lines = tokens = n_active = 0
         async with self.engine.connect() as conn:
             stored_bytes = int((await conn.execute(stored)).scalar_one())
+            stored_bytes += int((await conn.execute(parts)).scalar_one())
             for total, completed, failed, line_count, est in await conn.execute(active):
                 n_active += 1
                 planned = total or line_count or 0
