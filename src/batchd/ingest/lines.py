@@ -37,20 +37,33 @@ def split_block(block: bytes, offset: int) -> Iterator[tuple[int, int, bytes]]:
 
 
 async def iter_lines(
-    blobs: BlobStore, key: str, start: int = 0, end: int | None = None
+    blobs: BlobStore, key: str, start: int = 0, end: int | None = None, max_line: int | None = None
 ) -> AsyncIterator[tuple[int, int, bytes]]:
-    """Stream (byte_start, byte_end, raw_line) over a stored object without loading it."""
+    """Stream (byte_start, byte_end, raw_line) over a stored object without loading it.
+
+    With ``max_line``, a longer line is yielded cut to ``max_line + 1`` bytes (its offsets are
+    still true): a 100 MB line is reported as too long without ever being held whole."""
     carry = b""
     carry_at = start
+    skipped = 0  # bytes of the current over-long line dropped from ``carry``
     async for piece in blobs.stream(key, start, end):
         data = carry + piece if carry else piece
         cut = data.rfind(b"\n") + 1
         if cut == 0:
             carry = data
+            if max_line is not None and len(carry) > max_line + 1:
+                skipped += len(carry) - (max_line + 1)
+                carry = carry[: max_line + 1]
             continue
-        for item in split_block(data[:cut], carry_at):
+        offset = carry_at
+        if skipped:
+            nl = data.find(b"\n")
+            yield offset, offset + skipped + nl + 1, data[: min(nl, len(carry))]
+            offset += skipped + nl + 1
+            data, cut, skipped = data[nl + 1 :], cut - nl - 1, 0
+        for item in split_block(data[:cut], offset):
             yield item
         carry = data[cut:]
-        carry_at += cut
+        carry_at = offset + cut
     if carry:
-        yield carry_at, carry_at + len(carry), carry
+        yield carry_at, carry_at + skipped + len(carry), carry

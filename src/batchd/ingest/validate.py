@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from batchd.blobs import BlobStore
+from batchd.ingest.depth import json_depth_exceeds
 from batchd.ingest.lines import clean, iter_lines
 
 # Body fields that could steer where a request goes or with which credentials (SDK client
@@ -39,6 +40,11 @@ FORBIDDEN_BODY_FIELDS = frozenset(
         "proxy",
     }
 )
+
+
+# orjson reads 1024 levels but writes only 254, and dispatch re-serializes each line's body:
+# deeper lines are refused here, with their line number, instead of failing when sent.
+MAX_LINE_DEPTH = 200
 
 
 @dataclass
@@ -73,11 +79,17 @@ class LineChecker:
         """Validate line ``n`` (1-based); True when it is a valid request line."""
         try:
             obj = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            self.error("invalid_json_line", "This line is not parseable as valid JSON.", n)
+        except orjson.JSONDecodeError as exc:
+            if "depth" in str(exc):
+                self.error("json_too_deep", f"This line nests more than {MAX_LINE_DEPTH} levels deep.", n)
+            else:
+                self.error("invalid_json_line", "This line is not parseable as valid JSON.", n)
             return False
         if not isinstance(obj, dict):
             self.error("invalid_json_line", "This line is valid JSON but not a JSON object.", n)
+            return False
+        if json_depth_exceeds(text, MAX_LINE_DEPTH):
+            self.error("json_too_deep", f"This line nests more than {MAX_LINE_DEPTH} levels deep.", n)
             return False
         return self._check_fields(n, obj)
 
@@ -168,7 +180,7 @@ async def validate_file(
     plan = checker.plan
     chunk: dict[str, int] | None = None
     line_no = 0
-    async for start, end, raw in iter_lines(blobs, key):
+    async for start, end, raw in iter_lines(blobs, key, max_line=max_line_bytes):
         line_no += 1
         text = clean(raw, start == 0)
         if text is None:
@@ -185,8 +197,8 @@ async def validate_file(
         if max_line_bytes is not None and len(text) > max_line_bytes:
             checker.error(
                 "line_too_long",
-                f"Line {line_no} has {len(text)} bytes, more than {max_line_bytes}, the most a line "
-                "may hold (setting BATCHD_MAX_LINE_BYTES).",
+                f"Line {line_no} has more than {max_line_bytes} bytes, the most a line may hold "
+                "(setting BATCHD_MAX_LINE_BYTES).",
                 line_no,
             )
             if checker.full:
