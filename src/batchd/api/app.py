@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchd import __version__
-from batchd.api import admin, batches, dashboard, errors, files, uploads, webhooks
+from batchd.api import admin, batches, dashboard, errors, files, openapi, uploads, webhooks
 from batchd.api.deps import authenticate
 from batchd.api.edge import EdgeGuard
 from batchd.config import Settings
@@ -76,14 +76,20 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(EdgeGuard)  # inside RequestIdMiddleware: its errors carry the id too
     app.add_middleware(RequestIdMiddleware)
     errors.install(app)
+    openapi.install(app)
     auth = [Depends(authenticate)]
-    app.include_router(files.router, prefix="/v1", dependencies=auth)
-    app.include_router(batches.router, prefix="/v1", dependencies=auth)
-    app.include_router(uploads.router, prefix="/v1", dependencies=auth)
-    app.include_router(admin.router, prefix="/v1/admin", dependencies=auth)
-    app.include_router(dashboard.router, prefix="/v1", dependencies=auth)
+    errs = openapi.error_responses()
+    app.include_router(files.router, prefix="/v1", dependencies=auth, responses=errs)
+    app.include_router(batches.router, prefix="/v1", dependencies=auth, responses=errs)
+    app.include_router(uploads.router, prefix="/v1", dependencies=auth, responses=errs)
+    app.include_router(
+        admin.router, prefix="/v1/admin", dependencies=auth, responses=openapi.error_responses(403)
+    )
+    app.include_router(dashboard.router, prefix="/v1", dependencies=auth, responses=errs)
     app.include_router(dashboard.pages)
-    app.include_router(webhooks.router, prefix="/v1/admin", dependencies=auth)
+    app.include_router(
+        webhooks.router, prefix="/v1/admin", dependencies=auth, responses=openapi.error_responses(403)
+    )
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:

@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from batchd import protocol as p
 from batchd.api.deps import BlobsDep, ProjectDep, SettingsDep, StoreDep
+from batchd.api.openapi import FILE_UPLOAD_BODY
 from batchd.api.presenters import file_object
 from batchd.api.quotas import check_quotas
 from batchd.blobs import BlobStore, BlobWriter
@@ -143,7 +144,7 @@ class _Upload:
         return self.writer
 
 
-@router.post("/files", response_model=p.FileObject)
+@router.post("/files", response_model=p.FileObject, openapi_extra={"requestBody": FILE_UPLOAD_BODY})
 async def create_file(
     request: Request, store: StoreDep, blobs: BlobsDep, settings: SettingsDep, project: ProjectDep
 ) -> p.FileObject:

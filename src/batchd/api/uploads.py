@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from batchd import protocol as p
 from batchd.api.deps import BlobsDep, ProjectDep, SettingsDep, StoreDep
 from batchd.api.files import _check_filename, too_large
+from batchd.api.openapi import PART_UPLOAD_BODY
 from batchd.api.presenters import file_object
 from batchd.api.quotas import check_quotas
 from batchd.blobs import BlobStore, BlobWriter
@@ -112,7 +113,9 @@ async def _discard(blobs: BlobStore, writer: BlobWriter) -> None:
         await blobs.delete(writer.key)
 
 
-@router.post("/uploads/{upload_id}/parts", response_model=p.UploadPart)
+@router.post(
+    "/uploads/{upload_id}/parts", response_model=p.UploadPart, openapi_extra={"requestBody": PART_UPLOAD_BODY}
+)
 async def add_part(  # noqa: C901 - one streaming loop with its checks
     upload_id: str,
     request: Request,
