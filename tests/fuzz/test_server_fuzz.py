@@ -119,39 +119,38 @@ def test_a_huge_line_is_refused_with_its_line_number(
 def test_hostile_values_reach_every_back_end(
     make_server: Callable[..., Server], fake_upstream: FakeUpstreamHandle
 ) -> None:
-    """NUL characters, huge numbers, deep nesting and duplicate keys in lines that are valid:
-    they go into the database (model, errors, custom ids) and to the upstream without a 500."""
+    """NUL characters, huge numbers, deep nesting and duplicate keys: what is stored in the
+    database (model, errors, custom ids, filenames, metadata) never gives a 500 or wedges a
+    batch. (A NUL in the model used to wedge validation on PostgreSQL.)"""
     server = make_server(fake_upstream.base_url)
     client = server.client(max_retries=0)
-    model = "m\\u0000odel"
+    head = b'"method": "POST", "url": "' + ENDPOINT.encode() + b'", "body": {"model": "m"'
     lines = [
-        b'{"custom_id": "a\\u0000", "method": "POST", "url": "'
-        + ENDPOINT.encode()
-        + b'", "body": {"model": "'
-        + model.encode()
-        + b'", "seed": 1'
-        + b"0" * 300
-        + b"}}",
-        b'{"custom_id": "b", "custom_id": "c", "method": "POST", "url": "'
-        + ENDPOINT.encode()
-        + b'", "body": {"model": "'
-        + model.encode()
-        + b'", "x": '
-        + b"[" * 150
-        + b"]" * 150
-        + b"}}",
+        b'{"custom_id": "a\\u0000", ' + head + b', "user": "x\\u0000", "seed": 1' + b"0" * 300 + b"}}",
+        b'{"custom_id": "b", "custom_id": "c", ' + head + b', "x": ' + b"[" * 150 + b"]" * 150 + b"}}",
     ]
     status, errors = run_file(client, b"\n".join(lines) + b"\n")
     assert (status, errors) == ("completed", [])
-    bad = lines + [
+    bad = [
+        *lines,
         lines[1],
         b'{"custom_id": "\\u0000", "method": "GET", "url": "x", "body": {"model": "\\u0000"}}',
+        b'{"custom_id": "d", ' + head.replace(b'"m"', b'"m\\u0000"') + b"}}",
     ]
     status, errors = run_file(client, b"\n".join(bad) + b"\n")
     assert status == "failed"
-    assert [(c, n) for c, n, _ in errors] == [
-        ("duplicate_custom_id", 3),
-        ("invalid_method", 4),
-        ("url_mismatch", 4),
-        ("model_mismatch", 4),
+    assert [(c, n, p) for c, n, p in errors] == [
+        ("duplicate_custom_id", 3, "custom_id"),
+        ("invalid_method", 4, "method"),
+        ("url_mismatch", 4, "url"),
+        ("invalid_value", 4, "body.model"),
+        ("invalid_value", 5, "body.model"),
     ]
+    f = client.files.create(file=("n\x00ul.jsonl", b"{}\n"), purpose="batch")
+    assert "\x00" not in f.filename  # the SDK percent-encodes it; the server would replace it
+    with pytest.raises(openai.BadRequestError, match="NUL"):
+        client.batches.create(
+            input_file_id=f.id, endpoint=ENDPOINT, completion_window="24h", metadata={"k": "v\x00"}
+        )
+    with pytest.raises(openai.BadRequestError, match="NUL"):
+        client.uploads.create(bytes=1, filename="u\x00.jsonl", mime_type="text/jsonl", purpose="batch")

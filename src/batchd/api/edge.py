@@ -5,7 +5,8 @@ before FastAPI parses it.
 FastAPI parses a JSON body before it solves dependencies, so without this a request with a
 bad key and a bad body got the body's 400, and a body of any size was read into memory. Here
 the order is: key (401), size (413 ``request_too_large``), stall (408 ``request_timeout``),
-UTF-8 and JSON syntax (400 ``invalid_json``), nesting (400 ``json_too_deep``). The uploads
+UTF-8 and JSON syntax (400 ``invalid_json``), nesting (400 ``json_too_deep``), NUL characters
+(400 ``invalid_value``: PostgreSQL text cannot hold them). The uploads
 (``POST /v1/files``, ``POST /v1/uploads/{id}/parts``) stream through ``ingest.multipart``
 with their own byte limits and the same stall limit.
 """
@@ -63,6 +64,11 @@ def check_json_body(body: bytes, max_depth: int) -> None:
         ) from exc
     if json_depth_exceeds(body, max_depth):
         raise too_deep(max_depth)
+    if b"\\u0000" in body:
+        # Names, ids and metadata end up in text columns, and PostgreSQL refuses NUL in text.
+        raise InvalidRequest(
+            "NUL characters (\\u0000) are not allowed in request bodies.", code="invalid_value"
+        )
 
 
 async def read_bounded(receive: Receive, limit: int, idle_timeout: float) -> bytes:
@@ -88,6 +94,8 @@ class EdgeGuard:
         settings: Settings = scope["app"].state.settings
         try:
             await authenticate(Request(scope))
+            if "\x00" in path:
+                raise InvalidRequest("NUL characters are not allowed in URLs.", code="invalid_value")
             if scope["method"] == "POST" and STREAMED.match(path):
                 await self.app(scope, receive, send)
                 return

@@ -103,7 +103,8 @@ class _Upload:
             return
         if self.writer is not None:
             raise InvalidRequest("Send exactly one 'file' part.", param="file")
-        self.filename = part.filename or "upload"
+        # Filenames are data; NUL is replaced because PostgreSQL text cannot hold it.
+        self.filename = (part.filename or "upload").replace("\x00", "\ufffd")
         if "purpose" in self.fields:
             _check_filename(_check_purpose(self.fields), self.filename)
         self.writer = self.blobs.writer(self.key)

@@ -152,6 +152,9 @@ class LineChecker:
         if not isinstance(model, str):
             self.error("invalid_type", "'body.model' must be a string.", n, "body.model")
             return False
+        if "\x00" in model:  # the model is stored in a text column; PostgreSQL refuses NUL
+            self.error("invalid_value", "'body.model' must not contain NUL characters.", n, "body.model")
+            return False
         if self.plan.model is None:
             self.plan.model = model
         elif model != self.plan.model:
