@@ -54,7 +54,8 @@ def _operation_schema(method: str, path: str) -> str | None:
 
 class ContractHook:
     """An httpx response hook: validate every JSON answer against the spec, and every line
-    of every downloaded batch result against ``BatchRequestOutput``."""
+    of every downloaded batch result (``/content``, and the ``/results`` extension) against
+    ``BatchRequestOutput``."""
 
     def __init__(self) -> None:
         self.checked = 0
@@ -65,7 +66,7 @@ class ContractHook:
         path = response.request.url.path
         if response.status_code >= 400:
             assert_schema("ErrorResponse", response.json())
-        elif path.endswith("/content"):
+        elif path.endswith(("/content", "/results")):
             for line in response.content.splitlines():
                 obj = json.loads(line)
                 if isinstance(obj, dict) and "response" in obj and "error" in obj:

@@ -306,6 +306,12 @@ def worker(
     upstream_rpm: Annotated[int | None, typer.Option(help="[env BATCHD_UPSTREAM_RPM]")] = None,
     upstream_tpm: Annotated[int | None, typer.Option(help="[env BATCHD_UPSTREAM_TPM]")] = None,
     config: Annotated[Path | None, typer.Option(help="batchd.toml [env BATCHD_CONFIG]")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics on this port [env BATCHD_METRICS_PORT]")
+    ] = None,
+    metrics_host: Annotated[
+        str | None, typer.Option(help="Address for --metrics-port [env BATCHD_METRICS_HOST; 127.0.0.1]")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Run only a worker: validate, dispatch and finalize batches from the shared database
@@ -323,6 +329,8 @@ def worker(
         upstream_rpm=upstream_rpm,
         upstream_tpm=upstream_tpm,
         config=config,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     _check_upstreams(settings)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

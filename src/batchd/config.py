@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     webhook_secret_grace: float = Field(86400.0, ge=0)
 
     run_worker: bool = True
+    # ``batchd worker`` only: serve its own /metrics here (the API serves its in-process worker's).
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("completion_windows", mode="before")
     @classmethod

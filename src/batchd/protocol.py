@@ -129,6 +129,11 @@ class Batch(BaseModel):
     request_counts: RequestCounts
     usage: BatchUsage | None
     metadata: dict[str, str] | None
+    # --- batchd extensions, beyond OpenAI's Batch object (docs/api.md, "Extensions") ---
+    paused: bool = False
+    paused_at: int | None = None
+    lines_per_second: float | None = None
+    eta: int | None = None
 
 
 class BatchList(BaseModel):
@@ -137,6 +142,13 @@ class BatchList(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+class RerunRequest(BaseModel):
+    """Extension: ``POST /v1/batches/{id}/rerun``; every field defaults to the original's."""
+
+    completion_window: str | None = None
+    metadata: dict[str, str] | None = None
 
 
 class ExpiresAfter(BaseModel):

@@ -18,6 +18,7 @@ from batchd.engine.identity import WorkerIdentity
 from batchd.engine.journal import JournalDir
 from batchd.engine.lanes import build_router
 from batchd.engine.worker import Worker
+from batchd.metrics import serve_metrics
 from batchd.store import Store
 from batchd.store.migrate import upgrade
 
@@ -71,5 +72,9 @@ async def run_worker(settings: Settings) -> None:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
-        log.info("batchd worker %s ready", worker.owner, extra={"action": "start"})
-        await worker.run()
+        async with contextlib.AsyncExitStack() as stack:
+            if settings.metrics_port is not None:
+                await stack.enter_async_context(serve_metrics(settings.metrics_host, settings.metrics_port))
+                log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+            log.info("batchd worker %s ready", worker.owner, extra={"action": "start"})
+            await worker.run()

@@ -12,7 +12,18 @@ from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchd import __version__
-from batchd.api import admin, batches, dashboard, errors, files, openapi, uploads, webhooks
+from batchd.api import (
+    admin,
+    batch_extensions,
+    batches,
+    dashboard,
+    errors,
+    files,
+    metrics,
+    openapi,
+    uploads,
+    webhooks,
+)
 from batchd.api.deps import authenticate
 from batchd.api.edge import EdgeGuard
 from batchd.config import Settings
@@ -74,6 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.add_middleware(EdgeGuard)  # inside RequestIdMiddleware: its errors carry the id too
+    app.add_middleware(metrics.MetricsMiddleware)  # times EdgeGuard refusals too
     app.add_middleware(RequestIdMiddleware)
     errors.install(app)
     openapi.install(app)
@@ -81,6 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
     errs = openapi.error_responses()
     app.include_router(files.router, prefix="/v1", dependencies=auth, responses=errs)
     app.include_router(batches.router, prefix="/v1", dependencies=auth, responses=errs)
+    app.include_router(batch_extensions.router, prefix="/v1", dependencies=auth, responses=errs)
     app.include_router(uploads.router, prefix="/v1", dependencies=auth, responses=errs)
     app.include_router(
         admin.router, prefix="/v1/admin", dependencies=auth, responses=openapi.error_responses(403)
@@ -90,6 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(
         webhooks.router, prefix="/v1/admin", dependencies=auth, responses=openapi.error_responses(403)
     )
+    app.include_router(metrics.router)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:

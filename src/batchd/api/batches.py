@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query
 from batchd import protocol as p
 from batchd.api.deps import ProjectDep, SettingsDep, StoreDep
 from batchd.api.presenters import batch_object
+from batchd.api.progress import present
 from batchd.api.quotas import check_quotas
 from batchd.api.webhooks import check_webhook_url, prepare_project
 from batchd.errors import InvalidRequest, NotFound
@@ -107,7 +108,7 @@ async def retrieve_batch(batch_id: str, store: StoreDep, project: ProjectDep) ->
     row = await store.get_batch(batch_id, project)
     if row is None:
         raise not_found(batch_id)
-    return batch_object(row)
+    return (await present(store, [row]))[0]
 
 
 @router.get("/batches", response_model=p.BatchList)
@@ -123,7 +124,7 @@ async def list_batches(
             f"No such Batch object for 'after': {after}", param="after", code="invalid_value"
         )
     rows, has_more = page
-    data = [batch_object(r) for r in rows]
+    data = await present(store, rows)
     return p.BatchList(
         data=data,
         first_id=data[0].id if data else None,

@@ -74,6 +74,13 @@ def _admin(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
     return principal
 
 
+async def metrics_access(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    """``/metrics``: an admin key when keys exist; anyone in open mode (loopback only)."""
+    if principal.key_id is not None and not principal.is_admin:
+        raise Forbidden("/metrics needs an admin API key.")
+    return principal
+
+
 StoreDep = Annotated[Store, Depends(_store)]
 BlobsDep = Annotated[BlobStore, Depends(_blobs)]
 SettingsDep = Annotated[Settings, Depends(_settings)]

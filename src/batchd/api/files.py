@@ -239,7 +239,7 @@ async def file_content(
     else:
         pieces = await store.view_parts(row["batch_id"], row["stream"])
     return StreamingResponse(
-        _stream(blobs, pieces),
+        stream_view(blobs, pieces),
         media_type="application/octet-stream",
         headers={
             "content-length": str(row["bytes"]),
@@ -248,7 +248,8 @@ async def file_content(
     )
 
 
-async def _stream(blobs: BlobStore, pieces: list[tuple[str, int]]) -> AsyncIterator[bytes]:
+async def stream_view(blobs: BlobStore, pieces: list[tuple[str, int]]) -> AsyncIterator[bytes]:
+    """The bytes of a file: its own blob, or the result part blobs it is a view over."""
     for key, size in pieces:
         if size:
             async for data in blobs.stream(key):

@@ -20,7 +20,9 @@ def file_object(row: dict[str, Any]) -> p.FileObject:
     )
 
 
-def batch_object(row: dict[str, Any]) -> p.Batch:
+def batch_object(row: dict[str, Any], rate: float | None = None, eta: int | None = None) -> p.Batch:
+    """The wire Batch; ``rate`` and ``eta`` are the extension fields (see ``api/progress.py``)."""
+    paused_at = row.get("paused_at")
     return p.Batch(
         id=row["id"],
         endpoint=row["endpoint"],
@@ -49,4 +51,8 @@ def batch_object(row: dict[str, Any]) -> p.Batch:
             total_tokens=row["total_tokens"],
         ),
         metadata=orjson.loads(row["metadata"]) if row["metadata"] else None,
+        paused=paused_at is not None and row["status"] in ("validating", "in_progress"),
+        paused_at=paused_at,
+        lines_per_second=rate,
+        eta=eta,
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from batchd.blobs import BlobStore
 from batchd.engine.journal import Journal
 from batchd.engine.results import NO_USAGE, LineResult
+from batchd.metrics import LINES_COMPLETED, LINES_ERROR, LINES_FAILED
 from batchd.store import Store
 from batchd.store.store import PartCommit, Row
 
@@ -144,6 +145,9 @@ class ChunkRun:
                 raise
             if ok:
                 self.done |= pending
+                LINES_COMPLETED.inc(counts[0])
+                LINES_FAILED.inc(counts[1])
+                LINES_ERROR.inc(len(err) - counts[1])
             else:
                 self.lost = True
 

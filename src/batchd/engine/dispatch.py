@@ -170,4 +170,9 @@ def _after_fault(
         return attempt, error_result(req.custom_id, failure.code)
     if stopping():
         return attempt, None
+    lane.metrics.retry(str(status) if status is not None else _no_answer(failure))
     return attempt, float(choice.delay)
+
+
+def _no_answer(failure: UpstreamError | None) -> str:
+    return "timeout" if isinstance(failure, UpstreamTimeout) else "error"

@@ -19,6 +19,7 @@ from batchd.engine.janitor import sweep_batch_parts
 from batchd.engine.results import error_result
 from batchd.ids import file_id
 from batchd.ingest.lines import clean, split_block
+from batchd.metrics import BATCHES_FINISHED, LINES_ENDED
 from batchd.protocol import OUTPUT_TTL
 from batchd.store import Store
 from batchd.store.store import PartCommit, Row
@@ -67,6 +68,9 @@ async def finalize_batch(store: Store, blobs: BlobStore, batch_id: str, owner: s
         error_file=error_file,
     )
     if done:
+        BATCHES_FINISHED.labels(status).inc()
+        if tail is not None and code is not None:
+            LINES_ENDED[code].inc(tail.err_lines)
         await sweep_batch_parts(store, blobs, batch_id)
         log.info(
             "batch %s",

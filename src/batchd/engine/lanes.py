@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from batchd.config import Settings
 from batchd.engine.pacing import ConcurrencyWindow, Health, RateBudget
 from batchd.engine.retry import parse_retry_after
+from batchd.metrics import LaneMetrics
 from batchd.upstreams.base import Upstream
 from batchd.upstreams.http import HttpUpstream
 from batchd.upstreams.reqwest import ReqwestUpstream
@@ -84,6 +85,7 @@ class Lane:
 
     share: float = 1.0
     limits: dict[str, float | None] = field(init=False)
+    metrics: LaneMetrics = field(init=False)
 
     def __post_init__(self) -> None:
         # The upstream's whole limits (configured, or learned from its headers); this worker
@@ -92,6 +94,7 @@ class Lane:
         self.rpm = RateBudget(None, burst_seconds=0.5)
         self.tpm = RateBudget(None, burst_seconds=0.5)
         self.window = ConcurrencyWindow(self.spec.max_concurrency, initial=SLOW_START)
+        self.metrics = LaneMetrics(self.spec.name, self.model)
         self._apply()
 
     def set_share(self, share: float) -> None:
@@ -156,6 +159,7 @@ class Lane:
     ) -> None:
         """Learn from one outcome: window, health, pauses, budgets."""
         self.window.release()
+        self.metrics.attempt(status, timed_out)
         now = time.monotonic()
         if status is not None and status < 300:
             self.health.on_success()

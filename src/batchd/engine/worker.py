@@ -31,6 +31,7 @@ from batchd.engine.line_queue import LineQueue
 from batchd.engine.validation import validate_next
 from batchd.errors import BatchdError
 from batchd.ingest.lines import clean, split_block
+from batchd.metrics import watch_worker
 from batchd.store import Store
 from batchd.store.store import Row
 from batchd.webhooks.delivery import WebhookDeliverer
@@ -75,6 +76,7 @@ class Worker:
         self.webhooks = WebhookDeliverer(settings, store, self.owner)
         chunks_needed = -(-self.senders // settings.chunk_lines)
         self.max_runs = max(4, 2 * chunks_needed)
+        watch_worker(self)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -377,10 +379,11 @@ class Worker:
                 self.runs[key].lost = True
 
     async def _watch_batches(self) -> None:
-        """Stop feeding chunks of batches that were cancelled (or ended elsewhere)."""
-        statuses = await self.store.batch_statuses({k[0] for k in self.runs})
+        """Stop feeding chunks of batches that were cancelled, paused (or ended elsewhere):
+        in-flight requests finish, the chunk is checkpointed and released."""
+        runnable = await self.store.runnable_batches({k[0] for k in self.runs})
         for (bid, _), run in list(self.runs.items()):
-            if statuses.get(bid) != "in_progress":
+            if bid not in runnable:
                 run.stopping = True
             if run.should_stop():
                 self._retry_now(run)

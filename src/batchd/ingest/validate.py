@@ -16,6 +16,7 @@ import orjson
 from batchd.blobs import BlobStore
 from batchd.ingest.depth import json_depth_exceeds
 from batchd.ingest.lines import clean, iter_lines
+from batchd.metrics import VALIDATED_BYTES, VALIDATED_LINES
 
 # Body fields that could steer where a request goes or with which credentials (SDK client
 # options some servers honour in a body); a line carrying one fails validation.
@@ -169,6 +170,13 @@ class LineChecker:
         return True
 
 
+def _count(lines: int, to: int, counted_lines: int, counted_to: int) -> tuple[int, int]:
+    """Add what was validated since the last call to the throughput counters."""
+    VALIDATED_LINES.inc(max(0, lines - counted_lines))
+    VALIDATED_BYTES.inc(max(0, to - counted_to))
+    return lines, to
+
+
 async def validate_file(
     blobs: BlobStore,
     key: str,
@@ -182,9 +190,10 @@ async def validate_file(
     checker = LineChecker(endpoint, max_lines, max_errors)
     plan = checker.plan
     chunk: dict[str, int] | None = None
-    line_no = 0
+    line_no = counted_lines = counted_to = last_end = 0
     async for start, end, raw in iter_lines(blobs, key, max_line=max_line_bytes):
         line_no += 1
+        last_end = end
         text = clean(raw, start == 0)
         if text is None:
             continue
@@ -211,6 +220,7 @@ async def validate_file(
         if checker.full:
             break
         if plan.total % 2000 == 0:
+            counted_lines, counted_to = _count(plan.total, end, counted_lines, counted_to)
             await asyncio.sleep(0)  # let dispatch and the API run between slices of a big file
         if chunk is None:
             chunk = {"idx": len(plan.chunks), "first_line": line_no, "line_count": 0, "byte_start": start}
@@ -219,6 +229,7 @@ async def validate_file(
         chunk["byte_end"] = end
         if chunk["line_count"] >= chunk_lines:
             chunk = None
+    _count(min(plan.total, max_lines), last_end, counted_lines, counted_to)
     if plan.total == 0 and not plan.errors:
         checker.error("empty_file", "The input file has no request lines.", None)
     return plan

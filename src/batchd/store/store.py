@@ -187,7 +187,7 @@ class Store(WebhookQueries):
                     batches.c.project == project,
                     batches.c.status.in_(("validating", "in_progress")),
                 )
-                .values(status="cancelling", cancelling_at=now)
+                .values(status="cancelling", cancelling_at=now, paused_at=None)
             )
             r = (
                 await conn.execute(
@@ -201,6 +201,17 @@ class Store(WebhookQueries):
         async with self.engine.connect() as conn:
             return (await conn.execute(q)).first() is not None
 
+    async def runnable_batches(self, ids: Iterable[str]) -> set[str]:
+        """Those of ``ids`` whose chunks may still be dispatched: in progress, not paused."""
+        ids = list(ids)
+        if not ids:
+            return set()
+        q = select(batches.c.id).where(
+            batches.c.id.in_(ids), batches.c.status == "in_progress", batches.c.paused_at.is_(None)
+        )
+        async with self.engine.connect() as conn:
+            return {i for (i,) in await conn.execute(q)}
+
     async def batch_statuses(self, ids: Iterable[str]) -> dict[str, str]:
         ids = list(ids)
         if not ids:
@@ -208,6 +219,69 @@ class Store(WebhookQueries):
         q = select(batches.c.id, batches.c.status).where(batches.c.id.in_(ids))
         async with self.engine.connect() as conn:
             return {i: s for i, s in await conn.execute(q)}
+
+    # ------------------------------------------------- pause, progress, metrics (extensions)
+
+    async def set_paused(self, project: str, batch_id: str, paused_at: int | None) -> Row | None:
+        """Pause (``paused_at`` = now) or resume (None) an active batch; a batch already in
+        that state, or one that is not active, is left as it is. Returns the row either way."""
+        paused = batches.c.paused_at.is_(None) if paused_at is not None else batches.c.paused_at.is_not(None)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    batches.c.project == project,
+                    batches.c.status.in_(("validating", "in_progress")),
+                    paused,
+                )
+                .values(paused_at=paused_at)
+            )
+            r = (
+                await conn.execute(
+                    select(batches).where(batches.c.id == batch_id, batches.c.project == project)
+                )
+            ).first()
+        return _row(r) if r else None
+
+    async def recent_lines(self, ids: Sequence[str], since: float) -> dict[str, int]:
+        """Lines each batch committed since ``since`` (its recent throughput)."""
+        if not ids:
+            return {}
+        q = (
+            select(result_parts.c.batch_id, func.sum(result_parts.c.out_lines + result_parts.c.err_lines))
+            .where(result_parts.c.batch_id.in_(list(ids)), result_parts.c.committed_at >= since)
+            .group_by(result_parts.c.batch_id)
+        )
+        async with self.engine.connect() as conn:
+            return {b: int(n or 0) for b, n in await conn.execute(q)}
+
+    async def metrics_snapshot(self, now: float) -> Row:
+        """Batches by status, paused batches, and the unfinished chunks and lines of active
+        batches (grouped counts over indexed columns; no per-row work)."""
+        by_status = select(batches.c.status, func.count()).group_by(batches.c.status)
+        paused = select(func.count()).where(
+            batches.c.paused_at.is_not(None), batches.c.status.in_(("validating", "in_progress"))
+        )
+        queue = (
+            select(chunks.c.state, func.count(), func.sum(chunks.c.line_count - chunks.c.done_lines))
+            .join(batches, batches.c.id == chunks.c.batch_id)
+            .where(
+                chunks.c.state != "done",
+                chunks.c.expires_at > now,
+                batches.c.status == "in_progress",
+            )
+            .group_by(chunks.c.state)
+        )
+        async with self.engine.connect() as conn:
+            statuses = {st: int(n) for st, n in await conn.execute(by_status)}
+            n_paused = int((await conn.execute(paused)).scalar_one())
+            chunk_states: dict[str, int] = {}
+            lines = 0
+            for state, n, left in await conn.execute(queue):
+                chunk_states[state] = int(n)
+                lines += int(left or 0)
+        return {"batches": statuses, "paused": n_paused, "chunks": chunk_states, "lines": lines}
 
     # ------------------------------------------------------------------ batch-level jobs
 
@@ -371,7 +445,7 @@ class Store(WebhookQueries):
         pick = (
             select(chunks.c.batch_id, chunks.c.idx)
             .join(batches, batches.c.id == chunks.c.batch_id)
-            .where(runnable, batches.c.status == "in_progress")
+            .where(runnable, batches.c.status == "in_progress", batches.c.paused_at.is_(None))
             .order_by(chunks.c.expires_at, batches.c.seq, chunks.c.idx)
             .limit(n)
         )
@@ -845,6 +919,7 @@ class Store(WebhookQueries):
                 err_bytes=part.err_bytes,
                 err_lines=part.err_lines,
                 done_bitmap=part.done_bitmap,
+                committed_at=time.time(),
             )
         )
 

@@ -87,6 +87,8 @@ batches = Table(
     Column("job_expires_at", Float),
     # Extension: where to POST this batch's terminal event (checked against the SSRF policy).
     Column("webhook_url", Text),
+    # Extension: set while the batch is paused (its chunks are not leased); cleared on resume.
+    Column("paused_at", BigInteger),
 )
 Index("ix_batches_project_seq", batches.c.project, batches.c.seq)
 Index("ix_batches_status", batches.c.status)
@@ -125,8 +127,11 @@ result_parts = Table(
     Column("err_lines", Integer, nullable=False, default=0),
     # One bit per line of the chunk: which lines this part holds a result for.
     Column("done_bitmap", LargeBinary, nullable=False),
+    # When the part was committed: the batch's recent lines/s is summed over a time window.
+    Column("committed_at", Float),
 )
 Index("ix_result_parts_batch_chunk", result_parts.c.batch_id, result_parts.c.chunk_idx)
+Index("ix_result_parts_batch_committed", result_parts.c.batch_id, result_parts.c.committed_at)
 
 # API keys: only the sha256 of the secret is kept; ``prefix`` is what lists show.
 api_keys = Table(

@@ -20,12 +20,15 @@ batch line's ``body`` reaches us verbatim, so tests put them there):
 * ``"fake_status": 4xx|5xx`` -- answer that status (``invalid_request_error``, code
   ``fake_error``) after any latency.
 * ``"fake_latency": seconds`` -- extra delay for this request only.
+* ``"fake_hold": true`` -- while the server-wide ``hold`` setting is true, wait until it
+  is set false (``configure(hold=False)``): a gate that keeps chosen requests in flight so a
+  test can look at a batch mid-run. ``stats()["held"]`` counts the requests waiting.
 * ``"fake_fail_times": N`` -- the first N attempts of this exact body (sha1 of the raw
   bytes; add a unique field such as ``custom_id`` to tell bodies apart) that get past
   outage and rate limits fail with 500 (code ``fake_fail_times``), later ones succeed.
 
 Order of checks: outage (503), max_concurrency (429), rpm (429), JSON/``model``
-validation (400), latency, ``fake_status``, ``fake_fail_times``, ``failure_rate``.
+validation (400), hold, latency, ``fake_status``, ``fake_fail_times``, ``failure_rate``.
 
 Control endpoints (not counted in stats, no faults): ``GET /health``, ``GET
 /_fake/stats[?digests=1]``, ``GET|POST /_fake/config`` (body: configure kwargs plus
@@ -76,6 +79,7 @@ _CONFIG_KEYS = frozenset(
         "seed",
         "outage_until",
         "max_concurrency",
+        "hold",
     }
 )
 _MOD_CATEGORIES = (
@@ -346,6 +350,8 @@ class FakeUpstream:
         self.rpm: int | None = None
         self.burst_seconds, self.seed, self.outage_until = 1.0, seed, 0.0
         self.max_concurrency: int | None = None
+        self.hold = False
+        self._held: list[asyncio.Future[None]] = []
         self._rng = random.Random(seed)
         self._tokens, self._last_refill = 0.0, time.monotonic()
         self._runner: web.AppRunner | None = None
@@ -376,6 +382,11 @@ class FakeUpstream:
             setattr(self, k, v)
         if "seed" in kw:
             self._rng = random.Random(kw["seed"])
+        if not self.hold:
+            for waiter in self._held:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._held.clear()
         if "rpm" in kw or "burst_seconds" in kw:  # new limit: start with a full bucket
             self._tokens, self._last_refill = self._capacity(), time.monotonic()
         return self.config()
@@ -407,6 +418,7 @@ class FakeUpstream:
             "max_in_flight": self._max_in_flight,
             "distinct_bodies": len(self._success),
             "repeated_bodies": self._repeated,
+            "held": len(self._held),
         }
 
     def success_by_digest(self) -> dict[str, int]:
@@ -622,6 +634,14 @@ class FakeUpstream:
                     field,
                     rl,
                 )
+        while self.hold and body.get("fake_hold") is True:
+            waiter = asyncio.get_running_loop().create_future()
+            self._held.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._held:
+                    self._held.remove(waiter)
         delay = self.latency + _num(body.get("fake_latency"))
         if delay > 0:
             await asyncio.sleep(delay)
