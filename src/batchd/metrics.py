@@ -94,15 +94,16 @@ class LaneMetrics:
 
     def __init__(self, upstream: str, model: str):
         self.upstream, self.model = upstream, model
-        self._requests: dict[str, Any] = {}
+        self._requests: dict[int, Any] = {}
         self._retries: dict[str, Any] = {}
         self._limited = UPSTREAM_429.labels(upstream, model)
 
     def attempt(self, status: int | None, timed_out: bool) -> None:
-        key = str(status) if status is not None else ("timeout" if timed_out else "error")
+        key = status if status is not None else (-1 if timed_out else 0)
         child = self._requests.get(key)
         if child is None:
-            child = self._requests[key] = UPSTREAM_REQUESTS.labels(self.upstream, self.model, key)
+            label = str(status) if status is not None else ("timeout" if timed_out else "error")
+            child = self._requests[key] = UPSTREAM_REQUESTS.labels(self.upstream, self.model, label)
         child.inc()
         if status == 429:
             self._limited.inc()
