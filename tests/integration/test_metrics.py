@@ -117,7 +117,6 @@ def rate_limits_show_as_429s_and_retries(server: Server, fake_upstream: FakeUpst
     assert moved("batchd_upstream_requests_total", **MODEL, status="429") == rejected
     assert moved("batchd_upstream_retries_total", **MODEL, reason="429") == rejected
     assert moved("batchd_upstream_requests_total", **MODEL, status="200") == 3
-    assert value(got, "batchd_lane_window", **MODEL) < 64  # halved on 429s
 
 
 def metrics_need_an_admin_key_once_keys_exist(server: Server) -> None:
