@@ -113,13 +113,15 @@ def test_pause_resume_and_expiry_while_paused(
         batchd_completion_windows="24h,3s",
     )
     client = server.client()
-    # A batch paused at once, with a 3 s window: its deadline keeps running while paused.
-    short = client.files.create(
-        file=("p.jsonl", jsonl([request_line(f"s{i}") for i in range(5)])), purpose="batch"
-    )
+    # A batch paused at once, with a 3 s window: its deadline keeps running while paused. Its
+    # lines take longer than the window, so none can finish even if sent before the pause landed.
+    slow = [request_line(f"s{i}", fake_latency=4) for i in range(5)]
+    short = client.files.create(file=("p.jsonl", jsonl(slow)), purpose="batch")
     expiring = client.batches.create(
-        input_file_id=short.id, endpoint="/v1/chat/completions", completion_window="3s"
-    )  # type: ignore[arg-type]
+        input_file_id=short.id,
+        endpoint="/v1/chat/completions",
+        completion_window="3s",  # type: ignore[arg-type]
+    )
     paused_early = action(client, expiring.id, "pause")
     assert extra(paused_early)["paused"] is True
     lines = [request_line(i, **({"fake_hold": True} if i >= 10 else {})) for i in range(40)]
