@@ -232,5 +232,6 @@ async def rerun_batch(
         output_expires_seconds=row["output_expires_seconds"],
         created_at=now,
         expires_at=now + settings.window_seconds[window],
+        webhook_url=row.get("webhook_url"),  # checked when the original was created
     )
     return (await present(store, [new]))[0]
