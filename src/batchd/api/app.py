@@ -103,7 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(
         webhooks.router, prefix="/v1/admin", dependencies=auth, responses=openapi.error_responses(403)
     )
-    app.include_router(metrics.router)
+    app.include_router(metrics.router, responses=openapi.error_responses(403))
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:
