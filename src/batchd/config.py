@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     chunk_lines: int = Field(1000, ge=1)
     checkpoint_lines: int = Field(500, ge=1)
     checkpoint_interval: float = Field(0.5, gt=0)
+    # "on": a line holds its sender until its result is in a committed part, so a worker that
+    # dies leaves at most ``upstream_concurrency`` lines for another worker to send again.
+    # "auto": on unless the database is SQLite (one machine, where the local journal and the
+    # stable worker id already limit a restart's repeats to the requests in flight).
+    durable_window: Literal["auto", "on", "off"] = "auto"
     lease_seconds: float = Field(30.0, gt=0)
     poll_interval: float = Field(0.2, gt=0)
     shutdown_grace: float = Field(30.0, ge=0)
@@ -200,6 +205,12 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'batchd.sqlite3').resolve()}"
+
+    @property
+    def durable_window_on(self) -> bool:
+        if self.durable_window == "auto":
+            return not self.resolved_database_url.startswith("sqlite")
+        return self.durable_window == "on"
 
     @property
     def blob_dir(self) -> Path:

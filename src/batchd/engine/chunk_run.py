@@ -58,6 +58,15 @@ class ChunkRun:
     journal: Journal | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Durable window (see ``wait_durable``): set, then replaced, after every checkpoint attempt.
+    attempted: asyncio.Event = field(default_factory=asyncio.Event)
+    flushing: bool = False
+    ended: bool = False
+    # Compaction (durable window): the lines and part keys this run committed, so the final
+    # checkpoint can replace its many small parts with one (``None``: not kept).
+    kept: tuple[list[bytes], list[bytes], list[str]] | None = None
+    mine: int = 0
+    kept_parts: int = 0
 
     @property
     def key(self) -> tuple[str, int]:
@@ -114,17 +123,43 @@ class ChunkRun:
         if self.feeding_done and self.outstanding == 0:
             self.settled.set()
 
+    async def wait_durable(self, idx: int) -> None:
+        """Until line ``idx``'s result is in a committed part, or can no longer be (the lease
+        is lost, the run ended). A sender that waits here keeps its slot, so a worker never has
+        more lines sent-but-not-durable than senders: all another worker may repeat if it dies."""
+        while not (self.is_done(idx) or self.lost or self.ended):
+            await self.attempted.wait()
+
+    def _attempt_over(self) -> None:
+        self.attempted.set()
+        self.attempted = asyncio.Event()
+
+    def end(self) -> None:
+        """The run is over (done, released, lost): nobody waits on it any more."""
+        self.ended = True
+        self._attempt_over()
+
     async def checkpoint(
         self, store: Store, blobs: BlobStore, owner: str, *, final: bool, ttl: float
     ) -> None:
         """Persist buffered results; on the final call, also mark the chunk done if every
-        line has a result. Serialised per chunk by ``lock``."""
+        line has a result. Serialised per chunk by ``lock``. Wakes ``wait_durable``."""
+        try:
+            await self._persist(store, blobs, owner, final=final, ttl=ttl)
+        finally:
+            self._attempt_over()
+
+    async def _persist(self, store: Store, blobs: BlobStore, owner: str, *, final: bool, ttl: float) -> None:
         async with self.lock:
             if self.lost:
                 return
             full = (1 << self.lines) - 1
             chunk_done = final and (self.done | self.pending) == full
             if not self.buffered and not chunk_done:
+                return
+            if chunk_done and not self.buffered and self.kept is not None and self.kept_parts > 1:
+                if not await self._compact(store, blobs, owner, ttl):
+                    self.lost = True
                 return
             out, err, pending = self.out, self.err, self.pending
             counts, usage = (self.completed, self.failed), tuple(self.usage)
@@ -148,6 +183,12 @@ class ChunkRun:
                 LINES_COMPLETED.inc(counts[0])
                 LINES_FAILED.inc(counts[1])
                 LINES_ERROR.inc(len(err) - counts[1])
+                if self.kept is not None and isinstance(ok, tuple):
+                    self.kept[0].extend(out)
+                    self.kept[1].extend(err)
+                    self.kept[2].extend(ok)
+                    self.mine |= pending
+                    self.kept_parts += 1
             else:
                 self.lost = True
 
@@ -163,7 +204,10 @@ class ChunkRun:
         usage: tuple[int, ...],
         chunk_done: bool,
         ttl: float,
-    ) -> bool:
+        replaces: tuple[str, ...] = (),
+    ) -> tuple[str, ...] | bool:
+        """Write one part (blobs, then the fenced row). Returns its blob keys (``True`` when
+        it has none), or ``False`` when the lease was lost."""
         self.part_seq += 1
         # The random tail keeps keys unique across lives of the same (chunk, generation): a
         # recovered journal must never overwrite a part an earlier life already committed.
@@ -193,10 +237,24 @@ class ChunkRun:
             failed=counts[1],
             usage=usage,  # type: ignore[arg-type]
             chunk_done=chunk_done,
+            replaces=replaces,
         )
         ok = await store.commit_part(owner, part, time.time(), ttl)
+        keys = tuple(k for k in (out_key, err_key) if k)
         if not ok:
-            for key in (out_key, err_key):
-                if key:
-                    await blobs.delete(key)
-        return ok
+            for key in keys:
+                await blobs.delete(key)
+            return False
+        return keys or True
+
+    async def _compact(self, store: Store, blobs: BlobStore, owner: str, ttl: float) -> bool:
+        """Replace the small parts this run committed with one, in the transaction that marks
+        the chunk done: the output file of a chunk stays one blob per lease, however small the
+        checkpoints were. The old blobs become unreferenced (the finalizer deletes them)."""
+        assert self.kept is not None
+        out, err, keys = self.kept
+        ok = await self._commit(
+            store, blobs, owner, out, err, self.mine, (0, 0), NO_USAGE, True, ttl, tuple(keys)
+        )
+        self.kept = None
+        return ok is not False

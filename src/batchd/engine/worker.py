@@ -63,6 +63,7 @@ class Worker:
         self.owner = self.identity.owner
         self.journals = journals
         self.policy = SendPolicy(settings.request_timeout, settings.max_attempts)
+        self.durable_window = settings.durable_window_on
         self.senders = min(router.capacity, 4096)
         self.queue: LineQueue[QueueItem] = LineQueue(2 * self.senders)
         self.backoffs: dict[ParkedKey, tuple[asyncio.TimerHandle, QueueItem]] = {}
@@ -235,6 +236,8 @@ class Worker:
         )
         if self.journals is not None:
             run.journal = self.journals.open(JournalKey(run.batch.id, chunk["idx"], run.generation))
+        if self.durable_window:
+            run.kept = ([], [], [])
         self.runs[run.key] = run
         try:
             await self._feed(run)
@@ -242,6 +245,7 @@ class Worker:
             await asyncio.shield(self._finish_chunk(run))
             run.close_journal()
         finally:
+            run.end()
             self.runs.pop(run.key, None)
             self.wake.set()
 
@@ -267,7 +271,10 @@ class Worker:
             run.check_settled()
 
     async def _finish_chunk(self, run: ChunkRun) -> None:
-        await run.checkpoint(self.store, self.blobs, self.owner, final=True, ttl=self.settings.lease_seconds)
+        ttl = self.settings.lease_seconds
+        if run.kept is not None:  # what is still buffered first, so the final one can compact
+            await run.checkpoint(self.store, self.blobs, self.owner, final=False, ttl=ttl)
+        await run.checkpoint(self.store, self.blobs, self.owner, final=True, ttl=ttl)
         if not run.lost and (run.done != (1 << run.lines) - 1):
             await self.store.release_chunk(self.owner, run.batch.id, run.chunk["idx"], run.generation)
 
@@ -292,7 +299,11 @@ class Worker:
                     self._back_off((run, idx, request, result.attempt), result.delay)
                     continue
                 run.record(idx, result)
-                if run.buffered >= self.settings.checkpoint_lines and not run.lock.locked():
+                if self.durable_window:
+                    if result is not None:
+                        self._flush_soon(run)
+                        await run.wait_durable(idx)
+                elif run.buffered >= self.settings.checkpoint_lines and not run.lock.locked():
                     self._spawn(self._checkpoint(run))
             except Exception:
                 log.exception("sending a line failed", extra={"batch_id": run.batch.id})
@@ -357,6 +368,24 @@ class Worker:
         await asyncio.shield(
             run.checkpoint(self.store, self.blobs, self.owner, final=False, ttl=self.settings.lease_seconds)
         )
+
+    def _flush_soon(self, run: ChunkRun) -> None:
+        if not run.flushing:
+            run.flushing = True
+            self._spawn(self._flush(run))
+
+    async def _flush(self, run: ChunkRun) -> None:
+        """Group commit for the durable window: one checkpoint after another while results
+        wait, each taking every result that arrived during the previous one."""
+        try:
+            while run.buffered and not run.lost:
+                try:
+                    await self._checkpoint(run)
+                except Exception:
+                    log.exception("checkpoint failed", extra={"batch_id": run.batch.id})
+                    await asyncio.sleep(1.0)
+        finally:
+            run.flushing = False
 
     async def _checkpoint_all(self) -> None:
         for run in list(self.runs.values()):

@@ -51,6 +51,9 @@ class PartCommit:
     failed: int
     usage: tuple[int, int, int, int, int]
     chunk_done: bool
+    # Compaction: this part holds exactly the lines of the parts with these blob keys (same
+    # chunk and generation), which it replaces; its lines and counts are not added again.
+    replaces: tuple[str, ...] = ()
 
 
 def _row(r: Any) -> Row:
@@ -505,7 +508,8 @@ class Store(WebhookQueries):
         """Record one checkpoint, fenced by (owner, generation). False: the lease is lost and
         the caller must drop these results (their blobs are orphans, never read)."""
         lines = part.out_lines + part.err_lines
-        values: dict[str, Any] = {"done_lines": chunks.c.done_lines + lines}
+        added = 0 if part.replaces else lines
+        values: dict[str, Any] = {"done_lines": chunks.c.done_lines + added}
         if part.chunk_done:
             values.update(state="done", lease_owner=None, lease_expires_at=None)
         else:
@@ -524,8 +528,11 @@ class Store(WebhookQueries):
             )
             if res.rowcount != 1:
                 return False
+            if part.replaces:
+                await self._drop_parts(conn, part)
             if lines:
                 await self._insert_part(conn, part)
+            if added:
                 it, ct, ot, rt, tt = part.usage
                 await conn.execute(
                     update(batches)
@@ -904,6 +911,18 @@ class Store(WebhookQueries):
         if not self.is_postgres:
             return pick.cte(name)
         return pick.with_for_update(of=of, skip_locked=True).cte(name).prefix_with("MATERIALIZED")
+
+    @staticmethod
+    async def _drop_parts(conn: AsyncConnection, part: PartCommit) -> None:
+        """The parts a compacted part replaces (see ``PartCommit.replaces``)."""
+        await conn.execute(
+            delete(result_parts).where(
+                result_parts.c.batch_id == part.batch_id,
+                result_parts.c.chunk_idx == part.chunk_idx,
+                result_parts.c.generation == part.generation,
+                or_(result_parts.c.out_key.in_(part.replaces), result_parts.c.err_key.in_(part.replaces)),
+            )
+        )
 
     @staticmethod
     async def _insert_part(conn: AsyncConnection, part: PartCommit) -> None:
