@@ -20,7 +20,7 @@ import pytest
 from batchd.testing.fake_upstream import FakeUpstreamHandle
 from tests.support import jsonl, read_results, request_line, wait_terminal, wait_until
 
-WORKER_CONCURRENCY = 16
+WORKER_CONCURRENCY = 64  # the default
 
 
 def _exactly_once(client: Any, done: Any, n: int) -> None:
@@ -36,7 +36,7 @@ def test_two_apis_three_workers_one_killed(
 ) -> None:
     if backend["BATCHD_TEST_BACKEND"] != "pg":
         pytest.skip("several machines share PostgreSQL and S3; SQLite + a local directory is one machine")
-    fake_upstream.configure(latency=0.02)
+    fake_upstream.configure(latency=0.01)
     common = {"batchd_lease_seconds": "3", "batchd_chunk_lines": "500"}
     apis = [
         make_server(fake_upstream.base_url, name=f"api{i}", batchd_run_worker="false", **common)
