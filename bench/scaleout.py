@@ -81,6 +81,10 @@ def fleet(work: Path, workers: int, fake_args: list[str]) -> Any:
                 "BATCHD_BENCH_TIMINGS": str(work / f"w{w}.timings.json"),
             }
             procs.append(Proc(f"w{w}", [sys.executable, timed], wenv, work / f"w{w}.log"))
+        # The fleet is running before work arrives, as in a deployment: the batch's clock
+        # starts once every worker is ready, not while Python imports the workers.
+        for p in procs[-workers:]:
+            wait_until(lambda p=p: "ready" in p.log_tail(), 60, p.name)
         yield f"http://127.0.0.1:{api_port}/v1", f"http://127.0.0.1:{fake_port}"
     finally:
         for p in reversed(procs):
