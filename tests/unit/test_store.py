@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,39 @@ def test_cancelled_batch_is_not_leased_and_expired_chunks_stop(db_url: str) -> N
             assert row is not None and row["status"] == "cancelling"
             assert await store.request_cancel("other-project", "batch_1", 3) is None
             assert await store.lease_chunks("A", now=100.0, ttl=10, n=5) == []
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_compacting_part_replaces_its_generations_parts_without_counting_twice(db_url: str) -> None:
+    """The durable window's last commit: one part replaces the small ones of the same lease in
+    the transaction that marks the chunk done; counts and done lines are not added again, and
+    parts of another generation (or not named) stay."""
+    upgrade(db_url)
+
+    async def run() -> None:
+        store = Store.open(db_url)
+        try:
+            await _seed(store, chunks=1)
+            await store.lease_chunks("A", now=100.0, ttl=10, n=1)
+            assert await store.commit_part("A", replace(_part(1, bits=0b0001), out_key="a1"), 101.0, 10)
+            await store.lease_chunks("B", now=200.0, ttl=10, n=1)  # A's lease ran out: generation 2
+            assert await store.commit_part("B", replace(_part(2, bits=0b0010), out_key="b1"), 201.0, 10)
+            assert await store.commit_part("B", replace(_part(2, bits=0b0100), out_key="b2"), 202.0, 10)
+            assert await store.commit_part("B", replace(_part(2, bits=0b1000), out_key="b3"), 203.0, 10)
+            merged = replace(
+                _part(2, bits=0b1110, done=True), out_key="b-all", out_lines=3, replaces=("b1", "b2")
+            )
+            assert not await store.commit_part("A", replace(merged, generation=1), 204.0, 10)  # fenced
+            assert await store.commit_part("B", merged, 204.0, 10)
+            keys = [k for k, _ in await store.view_parts("batch_1", "output")]
+            assert sorted(keys) == ["a1", "b-all", "b3"]
+            batch = await store.get_batch("batch_1")
+            assert batch is not None and batch["completed"] == 8  # four parts of 2, none twice
+            chunk = await store.get_chunk("batch_1", 0)
+            assert chunk is not None and chunk["state"] == "done" and chunk["done_lines"] == 8
         finally:
             await store.close()
 
