@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     upstream_client: Literal["pyreqwest", "aiohttp"] = "pyreqwest"
     max_attempts: int = Field(8, ge=1)
     chunk_lines: int = Field(1000, ge=1)
+    # Scheduling: the most chunks of one batch a worker holds at once (raised to what keeps
+    # its senders busy), and of all batches together. A huge batch so leaves room for others.
+    max_chunks_per_batch: int = Field(2, ge=1)
+    worker_max_chunks: int = Field(16, ge=1)
     checkpoint_lines: int = Field(500, ge=1)
     checkpoint_interval: float = Field(0.5, gt=0)
     # "on": a line holds its sender until its result is in a committed part, so a worker that

@@ -75,8 +75,13 @@ class Worker:
         self._finalizing: set[str] = set()
         self._validating = False
         self.webhooks = WebhookDeliverer(settings, store, self.owner)
+        # Fair share inside the worker: leased chunks feed one queue in turn, and no batch
+        # holds more than ``per_batch`` of them, so there is always room for another batch's
+        # chunk while a huge one runs. ``per_batch`` still keeps every sender busy when one
+        # batch is all there is.
         chunks_needed = -(-self.senders // settings.chunk_lines)
-        self.max_runs = max(4, 2 * chunks_needed)
+        self.per_batch = max(settings.max_chunks_per_batch, chunks_needed + 1)
+        self.max_runs = max(settings.worker_max_chunks, self.per_batch + 2)
         watch_worker(self)
 
     # ------------------------------------------------------------------ life cycle
@@ -178,7 +183,9 @@ class Worker:
         room = self.max_runs - len(self.runs)
         if room <= 0:
             return
-        leased = await self.store.lease_chunks(self.owner, time.time(), self.settings.lease_seconds, room)
+        leased = await self.store.lease_chunks(
+            self.owner, time.time(), self.settings.lease_seconds, room, per_batch=self.per_batch
+        )
         for chunk in leased:
             self._spawn(self._run_chunk(chunk))
         if leased:

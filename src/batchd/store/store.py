@@ -436,8 +436,15 @@ class Store(WebhookQueries):
 
     # ---------------------------------------------------------------------------- chunks
 
-    async def lease_chunks(self, owner: str, now: float, ttl: float, n: int) -> list[Row]:
-        """Lease up to ``n`` runnable chunks, earliest deadline first; bumps the generation."""
+    async def lease_chunks(
+        self, owner: str, now: float, ttl: float, n: int, per_batch: int | None = None
+    ) -> list[Row]:
+        """Lease up to ``n`` runnable chunks, fairly; bumps the generation.
+
+        One statement per lease round (see ``_fair_pick``): round-robin across projects,
+        earliest deadline first within a project, and at most ``per_batch`` chunks of one
+        batch held by this owner at once, so a huge batch leaves room for the others.
+        """
         runnable = and_(
             or_(
                 chunks.c.state == "pending",
@@ -445,12 +452,16 @@ class Store(WebhookQueries):
             ),
             chunks.c.expires_at > now,
         )
+        ranked = self._fair_pick(
+            and_(batches.c.status == "in_progress", batches.c.paused_at.is_(None)), owner, now, n, per_batch
+        )
+        # Row locks (PostgreSQL) are taken a level above the window functions, which
+        # FOR UPDATE cannot share a SELECT with; the ranking reads without locks, so
+        # ``runnable`` is checked again on the locked rows.
         pick = (
             select(chunks.c.batch_id, chunks.c.idx)
-            .join(batches, batches.c.id == chunks.c.batch_id)
-            .where(runnable, batches.c.status == "in_progress", batches.c.paused_at.is_(None))
-            .order_by(chunks.c.expires_at, batches.c.seq, chunks.c.idx)
-            .limit(n)
+            .join(ranked, and_(ranked.c.batch_id == chunks.c.batch_id, ranked.c.idx == chunks.c.idx))
+            .where(runnable)
         )
         picked = self._picked(pick, "picked_chunks", of=chunks)
         q = (
@@ -466,6 +477,107 @@ class Store(WebhookQueries):
         )
         async with self.engine.begin() as conn:
             return [_row(r) for r in await conn.execute(q)]
+
+    @staticmethod
+    def _fair_pick(batch_ok: Any, owner: str, now: float, n: int, per_batch: int | None) -> Any:
+        """The ``n`` chunks to lease next, as a subquery of (batch_id, idx).
+
+        Candidates: of each runnable batch, its first ``k`` pending chunks (found through
+        ``ix_chunks_batch_state``, so the cost follows the number of batches, not of chunks),
+        plus chunks whose lease ran out. ``in_batch`` numbers a batch's candidates; with the
+        chunks this owner already holds of the batch it must stay within ``per_batch``.
+        ``turn`` numbers the rest per project, earliest deadline first (then batch, then
+        chunk); adding the project's live leases (all owners) gives the sort key, so the
+        project holding fewest chunks goes first and equal projects alternate: round-robin.
+        """
+        k = min(n, per_batch) if per_batch is not None else n
+        later = chunks.alias("later")
+        kth_pending = (
+            select(later.c.idx)
+            .where(later.c.batch_id == batches.c.id, later.c.state == "pending")
+            .order_by(later.c.idx)
+            .offset(k - 1)
+            .limit(1)
+            .correlate(batches)
+            .scalar_subquery()
+        )
+        runnable_batches = (
+            select(batches.c.id, func.coalesce(kth_pending, 2**31 - 1).label("upto"))
+            .where(batch_ok)
+            .cte("runnable_batches")
+            .prefix_with("MATERIALIZED")  # drive from the batches, then each one's index range
+        )
+        cols = (chunks.c.batch_id, chunks.c.idx, chunks.c.expires_at)
+        first_pending = (
+            select(*cols)
+            .join(runnable_batches, runnable_batches.c.id == chunks.c.batch_id)
+            .where(
+                chunks.c.state == "pending",
+                chunks.c.idx <= runnable_batches.c.upto,
+                chunks.c.expires_at > now,
+            )
+        )
+        timed_out = select(*cols).where(
+            chunks.c.state == "leased", chunks.c.lease_expires_at < now, chunks.c.expires_at > now
+        )
+        pool = first_pending.union_all(timed_out).subquery("pool")
+        live = and_(chunks.c.state == "leased", chunks.c.lease_expires_at >= now)
+        held = (
+            select(chunks.c.batch_id, func.count().label("n"))
+            .where(live, chunks.c.lease_owner == owner)
+            .group_by(chunks.c.batch_id)
+            .subquery("held")
+        )
+        busy = (
+            select(batches.c.project, func.count().label("n"))
+            .select_from(chunks.join(batches, batches.c.id == chunks.c.batch_id))
+            .where(live)
+            .group_by(batches.c.project)
+            .subquery("busy")
+        )
+        cand = (
+            select(
+                pool.c.batch_id,
+                pool.c.idx,
+                pool.c.expires_at,
+                batches.c.seq,
+                batches.c.project,
+                func.row_number().over(partition_by=pool.c.batch_id, order_by=pool.c.idx).label("in_batch"),
+                func.coalesce(held.c.n, 0).label("held"),
+            )
+            .select_from(
+                pool.join(batches, batches.c.id == pool.c.batch_id).outerjoin(
+                    held, held.c.batch_id == pool.c.batch_id
+                )
+            )
+            .where(batch_ok)
+            .subquery("cand")
+        )
+        capped = select(
+            cand.c.batch_id,
+            cand.c.idx,
+            cand.c.expires_at,
+            cand.c.seq,
+            cand.c.project,
+            func.row_number()
+            .over(partition_by=cand.c.project, order_by=(cand.c.expires_at, cand.c.seq, cand.c.idx))
+            .label("turn"),
+        )
+        if per_batch is not None:
+            capped = capped.where(cand.c.in_batch + cand.c.held <= per_batch)
+        ranked = capped.subquery("capped")
+        return (
+            select(ranked.c.batch_id, ranked.c.idx)
+            .select_from(ranked.outerjoin(busy, busy.c.project == ranked.c.project))
+            .order_by(
+                ranked.c.turn + func.coalesce(busy.c.n, 0),
+                ranked.c.expires_at,
+                ranked.c.seq,
+                ranked.c.idx,
+            )
+            .limit(n)
+            .subquery("ranked")
+        )
 
     async def heartbeat(
         self, owner: str, held: Iterable[tuple[str, int, int]], now: float, ttl: float

@@ -111,6 +111,8 @@ chunks = Table(
     Column("expires_at", BigInteger, nullable=False),
 )
 Index("ix_chunks_state_expires", chunks.c.state, chunks.c.expires_at)
+# The scheduler finds each batch's first pending chunks through this (migration 0006_sched).
+Index("ix_chunks_batch_state", chunks.c.batch_id, chunks.c.state, chunks.c.idx)
 
 result_parts = Table(
     "result_parts",
