@@ -112,6 +112,13 @@ class Settings(BaseSettings):
     max_json_depth: int = Field(64, ge=1, le=1000)
     body_idle_timeout: float = Field(30.0, gt=0)
 
+    # Validation: files from this size are validated in byte ranges by worker processes;
+    # custom_id hashes held in memory before they spill to disk (about 70 bytes each).
+    validation_processes: int = Field(2, ge=1, le=64)
+    parallel_validation_bytes: int = Field(64 * 1024**2, ge=1)
+    validation_id_memory: int = Field(500_000, ge=1)
+    validation_jobs: int = Field(2, ge=1)
+
     # Tenancy. With no API key defined the server is open only on a loopback address.
     insecure_open: bool = False
     # Per-project quotas (an admin may override each per project; see docs/security.md).

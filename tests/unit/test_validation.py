@@ -40,9 +40,9 @@ def test_iter_lines_across_read_boundaries(tmp_path: Path) -> None:
 
 def test_checker_collects_up_to_cap() -> None:
     checker = LineChecker("/v1/chat/completions", max_lines=100, max_errors=2)
-    assert checker.check(1, line("a").encode())
+    assert checker.check(1, line("a").encode()) and checker.custom_id == "a" and checker.model == "m"
     assert not checker.check(2, b"nope")
-    assert not checker.check(3, line("a").encode())
+    assert not checker.check(3, line("b", stream=True).encode())
     assert not checker.check(4, b"[]")
     assert [e["line"] for e in checker.plan.errors] == [2, 3]
     assert checker.full
@@ -83,3 +83,89 @@ def test_validate_empty_and_too_many(tmp_path: Path) -> None:
     many = ("\n".join(line(f"r{i}") for i in range(4))).encode()
     assert asyncio.run(run(many, 3)) == ["too_many_tasks"]
     assert asyncio.run(run(b"\xff\xfe{}\n", 3)) == ["invalid_json_line"]
+
+
+def test_parallel_ranges_agree_with_one_process(tmp_path: Path) -> None:
+    from batchd.ingest.parallel import validate_parallel
+
+    blobs = BlobStore.local(tmp_path / "blobs")
+    rows = [line(f"r{i}") for i in range(400)]
+    rows[5] = "{not json"
+    rows[250] = line("r3")  # duplicate of line 4, in another range
+    rows[300] = line("r300", model="other")  # model mismatch far from the first model
+    rows[350] = line("r350", stream=True)
+    text = "\ufeff" + "\r\n".join(rows[:200]) + "\r\n\n  \n" + "\n".join(rows[200:])  # no final newline
+    data = text.encode()
+
+    async def run(processes: int) -> object:
+        await blobs.put("in", data)
+        common = {
+            "endpoint": "/v1/chat/completions",
+            "chunk_lines": 7,
+            "max_lines": 1000,
+            "max_errors": 50,
+            "max_line_bytes": None,
+            "id_bound": 50,
+        }
+        if processes == 1:
+            return await validate_file(blobs, "in", spill_dir=tmp_path, **common)  # type: ignore[arg-type]
+        return await validate_parallel(
+            blobs,
+            "in",
+            len(data),
+            storage_url=None,
+            blob_dir=tmp_path / "blobs",
+            processes=processes,
+            work_dir=tmp_path,
+            **common,  # type: ignore[arg-type]
+        )
+
+    one = asyncio.run(run(1))
+    expected = [
+        ("invalid_json_line", 6),
+        ("duplicate_custom_id", 253),
+        ("model_mismatch", 303),
+        ("stream_not_supported", 353),
+    ]
+    assert [(e["code"], e["line"]) for e in one.errors] == expected  # type: ignore[attr-defined]
+    for processes in (2, 3):
+        plan = asyncio.run(run(processes))
+        assert plan.errors == one.errors and plan.total == 400 and plan.model == "m"  # type: ignore[attr-defined]
+        seen = []
+        for c in plan.chunks:  # type: ignore[attr-defined]
+            lines = [x for x in data[c["byte_start"] : c["byte_end"]].split(b"\n") if x.strip()]
+            assert len(lines) == c["line_count"]
+            seen.extend(x.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r") for x in lines)
+        assert seen == [r.encode() for r in rows]
+
+
+def test_whole_block_path_plans_like_the_line_path() -> None:
+    from batchd.ingest.validate import RangeValidator
+
+    def plan(data: bytes, whole: bool) -> tuple[object, ...]:
+        hashes: list[int] = []
+        v = RangeValidator(
+            "/v1/chat/completions",
+            chunk_lines=4,
+            max_lines=100,
+            max_errors=10,
+            max_line_bytes=None,
+            at_file_start=True,
+            on_ids=hashes.extend,
+        )
+        if not whole:
+            v._feed_whole = lambda block, offset: False  # type: ignore[method-assign]
+        half = data.index(b"\n", len(data) // 2) + 1
+        assert v.feed(data[:half], 0) and v.feed(data[half:], half)
+        r = v.finish()
+        return r.lines, r.total, r.chunks, r.models, r.errors, hashes
+
+    rows = [line(f"r{i}") for i in range(11)]
+    for data in (
+        ("\n".join(rows) + "\n").encode(),
+        "\r\n".join(rows).encode(),  # CRLF, no final newline
+        ("\ufeff" + "\n".join(rows)).encode(),
+    ):
+        assert plan(data, whole=True) == plan(data, whole=False)
+        total = plan(data, whole=True)
+        assert total[1] == 11 and [c["line_count"] for c in total[2]] == [4, 4, 3]  # type: ignore[index]

@@ -116,6 +116,18 @@ class BlobStore:
         except (NotFoundError, FileNotFoundError) as exc:  # a local store raises the latter
             raise BlobMissing(f"missing object {key}") from exc
 
+    def local_path(self, key: str) -> Path | None:
+        """The file behind ``key`` on a local directory store (None on S3): bulk readers
+        such as validation read it directly, which is many times cheaper than a stream."""
+        return self.root / key if self.root is not None else None
+
+    async def size(self, key: str) -> int:
+        try:
+            meta = await obstore.head_async(self.inner, key)
+        except NotFoundError as exc:
+            raise BlobMissing(f"missing object {key}") from exc
+        return int(meta["size"])
+
     async def stream(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Yield the object's bytes in ~1 MiB pieces, from ``start`` to ``end``."""
         options: dict[str, Any] = {}

@@ -12,8 +12,10 @@ import orjson
 from batchd.blobs import BlobStore
 from batchd.config import Settings
 from batchd.errors import BlobMissing
+from batchd.ingest.parallel import validate_parallel
 from batchd.ingest.validate import Plan, validate_file
 from batchd.store import Store
+from batchd.store.store import Row
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +29,7 @@ async def validate_next(store: Store, blobs: BlobStore, settings: Settings, owne
     started = time.monotonic()
     renew = asyncio.create_task(_keep_job(store, batch["id"], owner, ttl))
     try:
-        plan = await validate_file(
-            blobs,
-            await store.input_blob_key(batch["id"]),
-            endpoint=batch["endpoint"],
-            chunk_lines=settings.chunk_lines,
-            max_lines=settings.max_lines_per_batch,
-            max_errors=settings.max_validation_errors,
-            max_line_bytes=settings.max_line_bytes,
-        )
+        plan = await _validate(store, blobs, settings, batch)
     except BlobMissing:
         plan = Plan(
             errors=[
@@ -77,6 +71,34 @@ async def validate_next(store: Store, blobs: BlobStore, settings: Settings, owne
         extra={"batch_id": batch["id"], "action": "validate"},
     )
     return True
+
+
+async def _validate(store: Store, blobs: BlobStore, settings: Settings, batch: Row) -> Plan:
+    """In this process between awaits for a small file; in byte ranges on worker processes
+    for a big one (the event loop only waits)."""
+    key = await store.input_blob_key(batch["id"])
+    size = await blobs.size(key)
+    common = {
+        "endpoint": batch["endpoint"],
+        "chunk_lines": settings.chunk_lines,
+        "max_lines": settings.max_lines_per_batch,
+        "max_errors": settings.max_validation_errors,
+        "max_line_bytes": settings.max_line_bytes,
+        "id_bound": settings.validation_id_memory,
+    }
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if size >= settings.parallel_validation_bytes and settings.validation_processes > 1:
+        return await validate_parallel(
+            blobs,
+            key,
+            size,
+            storage_url=settings.storage_url,
+            blob_dir=settings.blob_dir,
+            processes=settings.validation_processes,
+            work_dir=settings.data_dir,
+            **common,  # type: ignore[arg-type]
+        )
+    return await validate_file(blobs, key, spill_dir=settings.data_dir, **common)  # type: ignore[arg-type]
 
 
 async def _keep_job(store: Store, batch_id: str, owner: str, ttl: float) -> None:

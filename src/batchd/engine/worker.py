@@ -73,7 +73,7 @@ class Worker:
         self.wake = asyncio.Event()
         self._batches: dict[str, BatchInfo] = {}
         self._finalizing: set[str] = set()
-        self._validating = False
+        self._validating = 0
         self.webhooks = WebhookDeliverer(settings, store, self.owner)
         # Fair share inside the worker: leased chunks feed one queue in turn, and no batch
         # holds more than ``per_batch`` of them, so there is always room for another batch's
@@ -192,9 +192,11 @@ class Worker:
             await self._share_budget()
 
     async def _start_validation(self) -> None:
-        if self._validating:
+        """Up to ``validation_jobs`` validations at once: a big file validating in worker
+        processes does not hold back the small batches created after it."""
+        if self._validating >= self.settings.validation_jobs:
             return
-        self._validating = True
+        self._validating += 1
 
         async def job() -> None:
             try:
@@ -204,7 +206,7 @@ class Worker:
                     self.wake.set()
                     self.webhooks.wake.set()  # a failed validation has an event to send
             finally:
-                self._validating = False
+                self._validating -= 1
 
         self._spawn(job())
 

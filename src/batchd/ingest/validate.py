@@ -1,51 +1,59 @@
 """Input-file validation: every problem with its line number, and the chunk plan.
 
 Runs after the batch is created (as OpenAI does): a file with any error fails the batch as a
-whole and nothing is sent upstream. The file is streamed; memory holds the custom_id set and
-the error list (capped), never the file.
+whole and nothing is sent upstream. The file is streamed in blocks that end at line
+boundaries; memory holds one block, the error list (capped) and the custom_id hashes
+(``IdSet``: bounded, spilled to disk past ``id_bound``), never the file.
+
+``RangeValidator`` checks one byte range of the file, synchronously, block by block: here
+between awaits for a small file, in worker processes for a big one (``ingest/parallel.py``).
+Each line is decoded into the struct of a valid line (``lineshape``); only a line that does
+not fit is parsed again by ``LineChecker`` to say what is wrong. Ranges report errors with
+range-local line numbers, the models they saw and chunks; ``merge`` puts them together.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter
+from pathlib import Path
 from typing import Any
 
 import orjson
+from xxhash import xxh3_64_intdigest
 
 from batchd.blobs import BlobStore
+from batchd.errors import BlobMissing
 from batchd.ingest.depth import json_depth_exceeds
-from batchd.ingest.lines import clean, iter_lines
-from batchd.metrics import VALIDATED_BYTES, VALIDATED_LINES
-
-# Body fields that could steer where a request goes or with which credentials (SDK client
-# options some servers honour in a body); a line carrying one fails validation.
-FORBIDDEN_BODY_FIELDS = frozenset(
-    {
-        "api_key",
-        "api_base",
-        "base_url",
-        "api_type",
-        "api_version",
-        "azure_endpoint",
-        "azure_ad_token",
-        "extra_headers",
-        "extra_query",
-        "headers",
-        "organization",
-        "project",
-        "default_headers",
-        "default_query",
-        "http_client",
-        "proxies",
-        "proxy",
-    }
+from batchd.ingest.idset import IdSet, id_hash
+from batchd.ingest.lines import BOM
+from batchd.ingest.lineshape import (
+    DECODE_ERRORS,
+    FORBIDDEN_BODY_FIELDS,
+    ID_DECODER,
+    line_decoder,
 )
 
+__all__ = [
+    "FORBIDDEN_BODY_FIELDS",
+    "IdFinder",
+    "LineChecker",
+    "Plan",
+    "RangeValidator",
+    "merge",
+    "validate_file",
+]
 
 # orjson reads 1024 levels but writes only 254, and dispatch re-serializes each line's body:
 # deeper lines are refused here, with their line number, instead of failing when sent.
 MAX_LINE_DEPTH = 200
+
+BLOCK_BYTES = 1024 * 1024  # stays in cache across the few passes over a block
+_ID = attrgetter("custom_id")
+_MODEL = attrgetter("body.model")
+DEFAULT_ID_BOUND = 1_000_000
 
 
 @dataclass
@@ -58,15 +66,31 @@ class Plan:
     chunks: list[dict[str, int]] = field(default_factory=list)
 
 
+@dataclass
+class RangeResult:
+    """One byte range's findings; line numbers are 1-based within the range."""
+
+    lines: int = 0
+    total: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    # model -> the first lines that use it (the first one, and up to max_errors more)
+    models: dict[str, list[int]] = field(default_factory=dict)
+    chunks: list[dict[str, int]] = field(default_factory=list)
+    too_many: bool = False
+
+
 class LineChecker:
-    """Checks one line at a time against the batch; collects errors up to a cap."""
+    """Says precisely what is wrong with one line; collects errors up to a cap. The slow
+    path: only lines that do not decode into the struct of a valid line come here."""
 
     def __init__(self, endpoint: str, max_lines: int, max_errors: int):
         self.endpoint = endpoint
         self.max_lines = max_lines
         self.max_errors = max_errors
         self.plan = Plan()
-        self.seen: set[str] = set()
+        # What the last checked line contributes when its fields were readable.
+        self.custom_id: str | None = None
+        self.model: str | None = None
 
     @property
     def full(self) -> bool:
@@ -78,6 +102,7 @@ class LineChecker:
 
     def check(self, n: int, text: bytes) -> bool:
         """Validate line ``n`` (1-based); True when it is a valid request line."""
+        self.custom_id = self.model = None
         try:
             obj = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
@@ -110,13 +135,8 @@ class LineChecker:
         if not cid:
             self.error("invalid_value", "'custom_id' must not be empty.", n, "custom_id")
             ok = False
-        elif cid in self.seen:
-            self.error(
-                "duplicate_custom_id", f"The custom_id '{cid[:200]}' appears more than once.", n, "custom_id"
-            )
-            ok = False
         else:
-            self.seen.add(cid)
+            self.custom_id = cid
         if obj["method"] != "POST":
             self.error("invalid_method", "Only the 'POST' method is supported.", n, "method")
             ok = False
@@ -145,36 +165,466 @@ class LineChecker:
                 "body.stream",
             )
             ok = False
-        return self._check_model(n, body.get("model")) and ok
+        model = body.get("model")
+        if not self._model_ok(n, model):
+            return False
+        self.model = model
+        return ok
 
-    def _check_model(self, n: int, model: Any) -> bool:
-        if model is None:
-            return True
-        if not isinstance(model, str):
+    def _model_ok(self, n: int, model: Any) -> bool:
+        if model is not None and not isinstance(model, str):
             self.error("invalid_type", "'body.model' must be a string.", n, "body.model")
             return False
-        if "\x00" in model:  # the model is stored in a text column; PostgreSQL refuses NUL
+        if model is not None and "\x00" in model:  # stored in a text column; PostgreSQL refuses NUL
             self.error("invalid_value", "'body.model' must not contain NUL characters.", n, "body.model")
-            return False
-        if self.plan.model is None:
-            self.plan.model = model
-        elif model != self.plan.model:
-            self.error(
-                "model_mismatch",
-                f"All lines of a batch must use the same model: this line uses '{model[:200]}', "
-                f"earlier lines use '{self.plan.model}'.",
-                n,
-                "body.model",
-            )
             return False
         return True
 
 
-def _count(lines: int, to: int, counted_lines: int, counted_to: int) -> tuple[int, int]:
-    """Add what was validated since the last call to the throughput counters."""
-    VALIDATED_LINES.inc(max(0, lines - counted_lines))
-    VALIDATED_BYTES.inc(max(0, to - counted_to))
-    return lines, to
+class RangeValidator:
+    """Validates the lines of one byte range, fed as blocks that end at line boundaries.
+
+    ``on_ids`` receives the custom_id hashes of each block. It stops early (``feed`` returns
+    False) when errors reach the cap or the range alone holds more than ``max_lines``.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        chunk_lines: int,
+        max_lines: int,
+        max_errors: int,
+        max_line_bytes: int | None,
+        at_file_start: bool,
+        on_ids: Callable[[list[int]], None],
+    ):
+        self.decode = line_decoder(endpoint).decode
+        self.decode_lines = line_decoder(endpoint).decode_lines
+        self.checker = LineChecker(endpoint, max_lines, max_errors)
+        self.chunk_lines, self.max_lines, self.max_errors = chunk_lines, max_lines, max_errors
+        self.max_line_bytes = max_line_bytes if max_line_bytes is not None else 1 << 62
+        self.at_file_start = at_file_start
+        self.on_ids = on_ids
+        self.res = RangeResult(errors=self.checker.plan.errors)
+        self.model: str | None = None
+        # The open chunk: first line, byte start, line count, byte end.
+        self._c: list[int] | None = None
+
+    def feed(self, block: bytes, offset: int) -> bool:
+        """Check the lines of ``block`` (which starts at byte ``offset`` of the file)."""
+        if self.at_file_start and block.startswith(BOM):
+            block, offset = block[3:], offset + 3  # the BOM is not part of the first line
+        self.at_file_start = False
+        utf8 = block.isascii() or _is_utf8(block)
+        if utf8 and len(block) <= self.max_line_bytes and self._feed_whole(block, offset):
+            return True
+        return self._feed_lines(block, offset, utf8)
+
+    def _feed_whole(self, block: bytes, offset: int) -> bool:
+        """The common case in C: every line of the block valid, one model. ``decode_lines``
+        turns the block into valid-line structs; the chunk ends are located by counting
+        newlines, which also proves one value per line and no blank line. On any doubt (an
+        invalid or blank line, a new model, the line limit) the caller goes line by line."""
+        try:
+            lines = self.decode_lines(block)
+        except DECODE_ERRORS:
+            return False
+        count = len(lines)
+        res = self.res
+        if not count or res.total + count > self.max_lines:
+            return False
+        ends = self._segment_ends(block, count)
+        if ends is None:
+            return False
+        if json_depth_exceeds(block, MAX_LINE_DEPTH):
+            return False  # some line nests too deep: the line path says which
+        models = set(map(_MODEL, lines))
+        models.discard(None)
+        if any("\x00" in m for m in models):
+            return False
+        if models and models != {self.model}:
+            if self.model is not None or len(models) > 1:
+                return False
+            first = next(i for i, line in enumerate(lines) if _MODEL(line) is not None)
+            self._saw_model(res.lines + first + 1, models.pop())
+        self.on_ids(list(map(xxh3_64_intdigest, map(str.encode, map(_ID, lines)))))
+        rel, n = 0, res.lines
+        for take, end in ends:
+            c = self._c
+            if c is None:
+                c = self._c = [n + 1, offset + rel, 0, 0]
+            c[2] += take
+            c[3] = offset + end
+            n += take
+            rel = end
+            if c[2] >= self.chunk_lines:
+                self._close_chunk()
+        res.lines += count
+        res.total += count
+        return True
+
+    def _segment_ends(self, block: bytes, count: int) -> list[tuple[int, int]] | None:
+        """(lines, end offset) of the pieces of ``block`` that fill the open chunk and then
+        whole chunks; None unless the block holds exactly ``count`` lines, none blank. One
+        ``find`` (memchr) per line: cheaper than counting bytes for lines of any length."""
+        room = self.chunk_lines - (self._c[2] if self._c is not None else 0)
+        body = len(block) - 1 if block.endswith(b"\n") else len(block)  # the last line's end
+        find = block.find
+        out: list[tuple[int, int]] = []
+        rel = done = 0
+        while done < count:
+            take = min(room, count - done)
+            room = self.chunk_lines
+            for _ in range(take):
+                nl = find(b"\n", rel, body)
+                rel = nl + 1 if nl >= 0 else body + 1
+                if rel > body:
+                    break
+            else:
+                out.append((take, rel))
+                done += take
+                continue
+            if done + take != count or _ != take - 1:
+                return None  # fewer lines than values: two values share a line
+            out.append((take, len(block)))
+            done += take
+        return out if out and out[-1][1] == len(block) else None
+
+    def _feed_lines(self, block: bytes, offset: int, utf8: bool) -> bool:
+        block_end = offset + len(block)
+        parts = block.split(b"\n")
+        if parts[-1] == b"":
+            parts.pop()
+        res, decode, model = self.res, self.decode, self.model
+        hashes: list[int] = []
+        n, total, pos = res.lines, res.total, offset
+        try:
+            for raw in parts:
+                n += 1
+                start = pos
+                pos += len(raw) + 1
+                if raw.endswith(b"\r"):
+                    raw = raw[:-1]
+                try:
+                    if len(raw) > self.max_line_bytes or not utf8:
+                        raise ValueError
+                    line = decode(raw)
+                except (ValueError, *DECODE_ERRORS):
+                    res.total = total
+                    ok = self._slow(n, raw, hashes, start, pos)
+                    total = res.total
+                    if not ok:
+                        return False
+                    model = self.model
+                    continue
+                total += 1
+                if total > self.max_lines:
+                    res.total = total
+                    return self._too_many()
+                hashes.append(id_hash(line.custom_id))
+                m = line.body.model
+                if m is not None and m != model:
+                    self._saw_model(n, m)
+                    model = self.model
+                self._plan(n, start, pos)
+            return not self.checker.full
+        finally:
+            res.lines, res.total = n, max(total, res.total)
+            if self._c is not None and self._c[3] > block_end:
+                self._c[3] = block_end  # the last line had no newline
+            self.on_ids(hashes)
+
+    def _slow(self, n: int, raw: bytes, hashes: list[int], start: int, end: int) -> bool:
+        """A line that is blank, too long or not of the valid shape. False: stop."""
+        res = self.res
+        if not raw.strip():
+            return True  # blank lines are skipped but keep their number
+        res.total += 1
+        if res.total > self.max_lines:
+            return self._too_many()
+        self._plan(n, start, end)
+        if len(raw) > self.max_line_bytes:
+            self.checker.error(
+                "line_too_long",
+                f"Line {{line}} has more than {self.max_line_bytes} bytes, the most a line may hold "
+                "(setting BATCHD_MAX_LINE_BYTES).",
+                n,
+            )
+            return not self.checker.full
+        self.checker.check(n, raw)
+        if self.checker.custom_id is not None:
+            hashes.append(id_hash(self.checker.custom_id))
+        if self.checker.model is not None and self.checker.model != self.model:
+            self._saw_model(n, self.checker.model)
+        return not self.checker.full
+
+    def _too_many(self) -> bool:
+        self.res.too_many = True
+        return False
+
+    def _saw_model(self, n: int, model: str) -> None:
+        lines = self.res.models.setdefault(model, [])
+        if self.model is None:
+            self.model = model
+        if len(lines) <= self.max_errors:
+            lines.append(n)
+
+    def _plan(self, n: int, start: int, end: int) -> None:
+        c = self._c
+        if c is None:
+            c = self._c = [n, start, 0, end]
+        c[2] += 1
+        c[3] = end
+        if c[2] >= self.chunk_lines:
+            self._close_chunk()
+
+    def _close_chunk(self) -> None:
+        c = self._c
+        if c is not None:
+            self.res.chunks.append(
+                {"first_line": c[0], "byte_start": c[1], "line_count": c[2], "byte_end": c[3]}
+            )
+            self._c = None
+
+    def finish(self) -> RangeResult:
+        self._close_chunk()
+        return self.res
+
+
+def _is_utf8(block: bytes) -> bool:
+    try:
+        block.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class IdFinder:
+    """(range-local line, custom_id) of the lines whose id hash is in ``wanted``: the pass
+    that turns repeated hashes into confirmed duplicates. Fed block by block like
+    ``RangeValidator``; keeps at most ``cap`` lines per hash."""
+
+    def __init__(self, wanted: set[int], at_file_start: bool, cap: int):
+        self.wanted, self.at_file_start, self.cap = wanted, at_file_start, cap
+        self.found: list[tuple[int, str]] = []
+        self.per_hash: dict[int, int] = {}
+        self.n = 0
+
+    def feed(self, block: bytes) -> None:
+        parts = block.split(b"\n")
+        if parts[-1] == b"":
+            parts.pop()
+        if self.at_file_start and parts and parts[0].startswith(BOM):
+            parts[0] = parts[0][3:]
+        self.at_file_start = False
+        n, wanted, per_hash = self.n, self.wanted, self.per_hash
+        for raw in parts:
+            n += 1
+            try:
+                cid: str | None = ID_DECODER.decode(raw).custom_id
+            except DECODE_ERRORS:
+                cid = _slow_id(raw)
+            if not cid:
+                continue
+            h = id_hash(cid)
+            if h in wanted and per_hash.get(h, 0) < self.cap:
+                per_hash[h] = per_hash.get(h, 0) + 1
+                self.found.append((n, cid))
+        self.n = n
+
+
+def _slow_id(raw: bytes) -> str | None:
+    try:
+        obj = orjson.loads(raw.rstrip(b"\r"))
+    except orjson.JSONDecodeError:
+        return None
+    cid = obj.get("custom_id") if isinstance(obj, dict) else None
+    return cid if isinstance(cid, str) else None
+
+
+# ------------------------------------------------------------------------------ merging
+
+
+def merge(
+    results: list[RangeResult],
+    duplicates: list[tuple[int, str]],
+    *,
+    max_lines: int,
+    max_errors: int,
+) -> Plan:
+    """One plan from the ranges in file order; ``duplicates`` are (global line, custom_id)
+    of every occurrence of an id whose hash repeated, in line order."""
+    plan = Plan()
+    errors: list[dict[str, Any]] = []
+    uses: list[tuple[int, str]] = []  # (global line, model): first uses of each model
+    base = 0
+    for r in results:
+        for e in r.errors:
+            errors.append({**e, "line": e["line"] + base if e["line"] is not None else None})
+        uses.extend((line + base, model) for model, lines in r.models.items() for line in lines)
+        for c in r.chunks:
+            plan.chunks.append({**c, "idx": len(plan.chunks), "first_line": c["first_line"] + base})
+        plan.total += r.total
+        base += r.lines
+    if uses:
+        plan.model = min(uses)[1]
+        errors.extend(_model_error(line, m, plan.model) for line, m in uses if m != plan.model)
+    errors.extend(_duplicate_errors(duplicates))
+    errors.sort(key=lambda e: e["line"] or 0)
+    if any(r.too_many for r in results) or plan.total > max_lines:
+        errors = errors[: max_errors - 1]
+        errors.append(
+            {
+                "code": "too_many_tasks",
+                "message": f"The file has more than {max_lines} requests, the most a batch may hold "
+                "(setting BATCHD_MAX_LINES_PER_BATCH).",
+                "param": None,
+                "line": None,
+            }
+        )
+    for e in errors:
+        if e["code"] == "line_too_long":
+            e["message"] = e["message"].replace("{line}", str(e["line"]))
+    plan.errors = errors[:max_errors]
+    if plan.total == 0 and not plan.errors:
+        plan.errors.append(
+            {
+                "code": "empty_file",
+                "message": "The input file has no request lines.",
+                "param": None,
+                "line": None,
+            }
+        )
+    return plan
+
+
+def _model_error(n: int, model: str, first: str) -> dict[str, Any]:
+    return {
+        "code": "model_mismatch",
+        "message": f"All lines of a batch must use the same model: this line uses '{model[:200]}', "
+        f"earlier lines use '{first}'.",
+        "param": "body.model",
+        "line": n,
+    }
+
+
+def _duplicate_errors(found: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    seen: set[str] = set()
+    out = []
+    for n, cid in sorted(found):
+        if cid in seen:
+            out.append(
+                {
+                    "code": "duplicate_custom_id",
+                    "message": f"The custom_id '{cid[:200]}' appears more than once.",
+                    "param": "custom_id",
+                    "line": n,
+                }
+            )
+        seen.add(cid)
+    return out
+
+
+# ------------------------------------------------------------------- one process, async
+
+
+async def blocks_of(
+    blobs: BlobStore, key: str, start: int = 0, end: int | None = None, max_line: int | None = None
+) -> AsyncIterator[tuple[bytes, int]]:
+    """(block, offset) over a stored object: blocks of about ``BLOCK_BYTES`` that end at a
+    line boundary (the last one at the end of the range)."""
+    cutter = _Cutter(start, max_line)
+    async for piece in _pieces(blobs, key, start, end):
+        for item in cutter.push(piece):
+            yield item
+    for item in cutter.rest():
+        yield item
+
+
+def file_blocks(path: Path, start: int, end: int, max_line: int | None = None) -> Iterator[tuple[bytes, int]]:
+    """``blocks_of`` for a local file, synchronously (for worker processes)."""
+    cutter = _Cutter(start, max_line)
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            piece = f.read(min(4 * BLOCK_BYTES, left))
+            if not piece:
+                break
+            left -= len(piece)
+            yield from cutter.push(piece)
+    yield from cutter.rest()
+
+
+class _Cutter:
+    """Cuts a stream of pieces into blocks of about ``BLOCK_BYTES`` that end at a newline.
+
+    With ``max_line``, a longer line is cut to ``max_line + 1`` bytes while it is read and
+    yielded as a block of its own (the next block's offset stays true): a 100 MB line is
+    reported as too long without ever being held whole."""
+
+    def __init__(self, at: int, max_line: int | None = None):
+        self.at = at
+        self.carry = b""
+        self.max_line = max_line
+        self.skipped = 0  # bytes of the current over-long line dropped so far
+
+    def push(self, piece: bytes) -> Iterator[tuple[bytes, int]]:
+        if self.skipped:
+            nl = piece.find(b"\n")
+            if nl < 0:
+                self.skipped += len(piece)
+                return
+            yield self.carry + b"\n", self.at
+            self.at += len(self.carry) + self.skipped + nl + 1
+            self.carry, self.skipped = b"", 0
+            piece = piece[nl + 1 :]
+        data = self.carry + piece if self.carry else piece
+        pos = 0
+        while len(data) - pos >= BLOCK_BYTES:
+            cut = data.rfind(b"\n", pos, pos + BLOCK_BYTES) + 1
+            if cut == 0:
+                cut = data.find(b"\n", pos + BLOCK_BYTES) + 1  # a line longer than a block
+                if cut == 0:
+                    break
+            yield data[pos:cut], self.at
+            self.at += cut - pos
+            pos = cut
+        self.carry = data[pos:]
+        limit = self.max_line
+        if limit is not None and len(self.carry) > limit + 1 and b"\n" not in self.carry:
+            self.skipped = len(self.carry) - (limit + 1)
+            self.carry = self.carry[: limit + 1]
+
+    def rest(self) -> Iterator[tuple[bytes, int]]:
+        if self.carry:
+            yield self.carry, self.at
+            self.at += len(self.carry)
+            self.carry = b""
+
+
+async def _pieces(blobs: BlobStore, key: str, start: int, end: int | None) -> AsyncIterator[bytes]:
+    path = blobs.local_path(key)
+    if path is None:
+        async for piece in blobs.stream(key, start, end):
+            yield piece
+        return
+    try:
+        f = await asyncio.to_thread(open, path, "rb")
+    except FileNotFoundError as exc:
+        raise BlobMissing(f"missing object {key}") from exc
+    with f:
+        f.seek(start)
+        left = (end - start) if end is not None else None
+        while left is None or left > 0:
+            want = 4 * BLOCK_BYTES if left is None else min(4 * BLOCK_BYTES, left)
+            piece = await asyncio.to_thread(f.read, want)
+            if not piece:
+                return
+            if left is not None:
+                left -= len(piece)
+            yield piece
 
 
 async def validate_file(
@@ -186,50 +636,34 @@ async def validate_file(
     max_lines: int,
     max_errors: int,
     max_line_bytes: int | None = None,
+    id_bound: int = DEFAULT_ID_BOUND,
+    spill_dir: Path | None = None,
 ) -> Plan:
-    checker = LineChecker(endpoint, max_lines, max_errors)
-    plan = checker.plan
-    chunk: dict[str, int] | None = None
-    line_no = counted_lines = counted_to = last_end = 0
-    async for start, end, raw in iter_lines(blobs, key, max_line=max_line_bytes):
-        line_no += 1
-        last_end = end
-        text = clean(raw, start == 0)
-        if text is None:
-            continue
-        plan.total += 1
-        if plan.total > max_lines:
-            checker.error(
-                "too_many_tasks",
-                f"The file has more than {max_lines} requests, the most a batch may hold "
-                "(setting BATCHD_MAX_LINES_PER_BATCH).",
-                None,
-            )
-            break
-        if max_line_bytes is not None and len(text) > max_line_bytes:
-            checker.error(
-                "line_too_long",
-                f"Line {line_no} has more than {max_line_bytes} bytes, the most a line may hold "
-                "(setting BATCHD_MAX_LINE_BYTES).",
-                line_no,
-            )
-            if checker.full:
+    """Validate in this process, one block at a time, yielding to the event loop between
+    blocks (a block takes a few milliseconds). Big files go to ``parallel.validate_parallel``."""
+    ids = IdSet(id_bound, spill_dir)
+    try:
+        checker = RangeValidator(
+            endpoint,
+            chunk_lines=chunk_lines,
+            max_lines=max_lines,
+            max_errors=max_errors,
+            max_line_bytes=max_line_bytes,
+            at_file_start=True,
+            on_ids=ids.add_many,
+        )
+        async for block, offset in blocks_of(blobs, key, max_line=max_line_bytes):
+            if not checker.feed(block, offset):
                 break
-            continue
-        checker.check(line_no, text)
-        if checker.full:
-            break
-        if plan.total % 2000 == 0:
-            counted_lines, counted_to = _count(plan.total, end, counted_lines, counted_to)
-            await asyncio.sleep(0)  # let dispatch and the API run between slices of a big file
-        if chunk is None:
-            chunk = {"idx": len(plan.chunks), "first_line": line_no, "line_count": 0, "byte_start": start}
-            plan.chunks.append(chunk)
-        chunk["line_count"] += 1
-        chunk["byte_end"] = end
-        if chunk["line_count"] >= chunk_lines:
-            chunk = None
-    _count(min(plan.total, max_lines), last_end, counted_lines, counted_to)
-    if plan.total == 0 and not plan.errors:
-        checker.error("empty_file", "The input file has no request lines.", None)
-    return plan
+            await asyncio.sleep(0)
+        result = checker.finish()
+        repeated = await asyncio.to_thread(ids.finish)
+    finally:
+        ids.close()
+    finder = IdFinder(repeated, at_file_start=True, cap=max_errors + 1)
+    if repeated:
+        async for block, _ in blocks_of(blobs, key, max_line=max_line_bytes):
+            finder.feed(block)
+            await asyncio.sleep(0)
+    duplicates = finder.found
+    return merge([result], duplicates, max_lines=max_lines, max_errors=max_errors)
