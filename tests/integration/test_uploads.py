@@ -66,6 +66,10 @@ def test_unknown_ids_limits_and_part_size(make_server, fake_upstream) -> None:  
     with pytest.raises(openai.APIStatusError) as exc:
         client.uploads.create(bytes=1001, filename="x.jsonl", mime_type="text/jsonl", purpose="batch")
     assert exc.value.status_code == 413 and "BATCHD_MAX_FILE_BYTES" in str(exc.value)
+    with pytest.raises(openai.APIStatusError) as exc:  # the same limit on POST /v1/files
+        client.files.create(file=("big.jsonl", b"x" * 2000), purpose="batch")
+    assert exc.value.status_code == 413 and exc.value.code == "file_too_large"
+    assert "BATCHD_MAX_FILE_BYTES" in str(exc.value)
     up = client.uploads.create(bytes=10, filename="x.jsonl", mime_type="text/jsonl", purpose="batch")
     other = client.uploads.create(bytes=10, filename="y.jsonl", mime_type="text/jsonl", purpose="batch")
     foreign = client.uploads.parts.create(other.id, data=b"0123456789")
