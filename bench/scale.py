@@ -280,6 +280,64 @@ def _line(cid: str) -> bytes:
     )
 
 
+def compare_validation(args: argparse.Namespace, root: Path, lines: int, rounds: int = 2) -> dict[str, Any]:
+    """Same file, same moment: plain read, msgspec per line, and batchd's validation in one
+    process and in ``--validation-processes`` processes, alternated ``rounds`` times (best of
+    each), so machine load affects all alike."""
+    import asyncio
+
+    from batchd.blobs import BlobStore
+    from batchd.ingest.parallel import validate_parallel
+    from batchd.ingest.validate import validate_file
+
+    work = Path(tempfile.mkdtemp(prefix="cmp-", dir=root))
+    (work / "blobs").mkdir()
+    path = work / "blobs" / "in.jsonl"
+    size = write_file(path, lines)
+    blobs = BlobStore.local(work / "blobs")
+    kw: dict[str, Any] = {
+        "endpoint": "/v1/chat/completions",
+        "chunk_lines": 1000,
+        "max_lines": 5_000_000,
+        "max_errors": 100,
+        "max_line_bytes": 50 << 20,
+        "id_bound": 500_000,
+    }
+
+    def one() -> None:
+        plan = asyncio.run(validate_file(blobs, "in.jsonl", spill_dir=work, **kw))
+        assert not plan.errors and plan.total == lines
+
+    def many() -> None:
+        plan = asyncio.run(
+            validate_parallel(
+                blobs,
+                "in.jsonl",
+                size,
+                storage_url=None,
+                blob_dir=work / "blobs",
+                processes=args.validation_processes,
+                work_dir=work,
+                **kw,
+            )
+        )
+        assert not plan.errors and plan.total == lines
+
+    best: dict[str, float] = {}
+    out: dict[str, Any] = {"mb": size / 1e6, "lines": lines, "load_start": load()}
+    for _ in range(rounds):
+        plain, ms = reference_speeds(path)
+        best["plain"] = max(best.get("plain", 0), plain)
+        best["msgspec"] = max(best.get("msgspec", 0), ms)
+        for name, fn in (("validate_1", one), (f"validate_{args.validation_processes}", many)):
+            t = time.monotonic()
+            fn()
+            best[name] = max(best.get(name, 0), size / 1e6 / (time.monotonic() - t))
+    out.update({f"{k}_mb_s": v for k, v in best.items()}, load_end=load())
+    path.unlink()
+    return out
+
+
 # ----------------------------------------------------------------------- many batches
 
 
@@ -394,8 +452,9 @@ def main() -> int:
     ap.add_argument("--dispatch-seconds", type=float, default=60.0)
     ap.add_argument("--full-dispatch", action="store_true", help="run the big batch to the end")
     ap.add_argument("--timeout", type=float, default=1800.0)
-    ap.add_argument("--skip", default="", help="comma list of phases to skip: small,big,many")
+    ap.add_argument("--skip", default="", help="comma list of phases to skip: small,big,compare,many")
     ap.add_argument("--work", type=Path, default=None, help="directory for the temporary files")
+    ap.add_argument("--validation-processes", type=int, default=2)
     args = ap.parse_args()
     skip = set(args.skip.split(","))
     root = Path(tempfile.mkdtemp(prefix="batchd-scale-", dir=args.work))
@@ -408,6 +467,17 @@ def main() -> int:
             r = big_run(args, root, lines)
             runs.append(r)
             print(orjson.dumps(r).decode(), flush=True)
+        if "compare" not in skip and args.small_lines:
+            c = compare_validation(args, root, args.small_lines)
+            print(orjson.dumps(c).decode(), flush=True)
+            ms = c["msgspec_mb_s"]
+            print(
+                f"validation vs msgspec, same file, alternated (best of 2): one process "
+                f"{c['validate_1_mb_s'] / ms:.2f}, {args.validation_processes} processes "
+                f"{c[f'validate_{args.validation_processes}_mb_s'] / ms:.2f} "
+                f"(msgspec {ms:.0f} MB/s, plain read {c['plain_mb_s']:.0f} MB/s)",
+                flush=True,
+            )
         if "many" not in skip:
             m = many_batches(args, root)
             print(orjson.dumps(m).decode(), flush=True)
