@@ -169,3 +169,20 @@ def test_whole_block_path_plans_like_the_line_path() -> None:
         assert plan(data, whole=True) == plan(data, whole=False)
         total = plan(data, whole=True)
         assert total[1] == 11 and [c["line_count"] for c in total[2]] == [4, 4, 3]  # type: ignore[index]
+
+
+def test_a_deep_line_in_a_clean_block_is_caught(tmp_path: Path) -> None:
+    blobs = BlobStore.local(tmp_path)
+    deep = json.dumps(
+        {"custom_id": "deep", "method": "POST", "url": "/v1/chat/completions", "body": {"x": [[[]]]}}
+    ).replace("[[[]]]", "[" * 250 + "]" * 250)
+    text = "\n".join([line("a"), deep, line("b")]) + "\n"
+
+    async def run() -> list[tuple[str, int | None]]:
+        await blobs.put("d", text.encode())
+        plan = await validate_file(
+            blobs, "d", endpoint="/v1/chat/completions", chunk_lines=10, max_lines=100, max_errors=10
+        )
+        return [(e["code"], e["line"]) for e in plan.errors]
+
+    assert asyncio.run(run()) == [("json_too_deep", 2)]
