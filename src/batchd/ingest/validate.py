@@ -307,7 +307,7 @@ class RangeValidator:
                 if raw.endswith(b"\r"):
                     raw = raw[:-1]
                 try:
-                    if len(raw) > self.max_line_bytes or not utf8:
+                    if len(raw) > self.max_line_bytes or not utf8 or _openers(raw) > MAX_LINE_DEPTH:
                         raise ValueError
                     line = decode(raw)
                 except (ValueError, *DECODE_ERRORS):
@@ -393,6 +393,10 @@ class RangeValidator:
 
 
 _ONLY_OPENERS = bytes(b for b in range(256) if b not in b"[{\n")
+
+
+def _openers(raw: bytes) -> int:
+    return raw.count(b"[") + raw.count(b"{")
 
 
 def _may_nest_too_deep(block: bytes) -> bool:
