@@ -237,7 +237,7 @@ class RangeValidator:
         ends = self._segment_ends(block, count)
         if ends is None:
             return False
-        if _may_nest_too_deep(block):
+        if _may_nest_too_deep(block) or _may_overflow(block):
             return False  # some line might nest too deep: the line path checks exactly
         models = set(map(_MODEL, lines))
         models.discard(None)
@@ -307,7 +307,12 @@ class RangeValidator:
                 if raw.endswith(b"\r"):
                     raw = raw[:-1]
                 try:
-                    if len(raw) > self.max_line_bytes or not utf8 or _openers(raw) > MAX_LINE_DEPTH:
+                    if (
+                        len(raw) > self.max_line_bytes
+                        or not utf8
+                        or _openers(raw) > MAX_LINE_DEPTH
+                        or _may_overflow(raw)
+                    ):
                         raise ValueError
                     line = decode(raw)
                 except (ValueError, *DECODE_ERRORS):
@@ -393,6 +398,19 @@ class RangeValidator:
 
 
 _ONLY_OPENERS = bytes(b for b in range(256) if b not in b"[{\n")
+
+
+_NUMERIC = bytes(
+    ord("0") if chr(b).isdigit() else ord("e") if chr(b) in "eE" else b if chr(b) == "+" else ord(" ")
+    for b in range(256)
+)
+
+
+def _may_overflow(data: bytes) -> bool:
+    """Whether some number might not fit a float (orjson rejects it; the structs skip it
+    unread): a three-digit exponent or a run of 309 digits, found after one ``translate``."""
+    t = data.translate(_NUMERIC)
+    return b"e000" in t or b"e+000" in t or b"0" * 309 in t
 
 
 def _openers(raw: bytes) -> int:
