@@ -315,6 +315,8 @@ class RangeValidator:
                     ):
                         raise ValueError
                     line = decode(raw)
+                    if line.body.model is not None and "\x00" in line.body.model:
+                        raise ValueError  # LineChecker says invalid_value
                 except (ValueError, *DECODE_ERRORS):
                     res.total = total
                     ok = self._slow(n, raw, hashes, start, pos)
