@@ -14,6 +14,7 @@ from batchd.config import Settings
 from batchd.errors import BlobMissing
 from batchd.ingest.parallel import validate_parallel
 from batchd.ingest.validate import Plan, validate_file
+from batchd.metrics import VALIDATED_BYTES, VALIDATED_LINES
 from batchd.store import Store
 from batchd.store.store import Row
 
@@ -87,6 +88,16 @@ async def _validate(store: Store, blobs: BlobStore, settings: Settings, batch: R
         "id_bound": settings.validation_id_memory,
     }
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    plan = await _run_validation(blobs, key, size, settings, common)
+    # Counted once per file (validation of a big file runs on other processes).
+    VALIDATED_LINES.inc(min(plan.total, settings.max_lines_per_batch))
+    VALIDATED_BYTES.inc(size)
+    return plan
+
+
+async def _run_validation(
+    blobs: BlobStore, key: str, size: int, settings: Settings, common: dict[str, object]
+) -> Plan:
     if size >= settings.parallel_validation_bytes and settings.validation_processes > 1:
         return await validate_parallel(
             blobs,
