@@ -532,33 +532,18 @@ async def _reqwest_loop(url: str, bodies: list[bytes], concurrency: int) -> tupl
     from datetime import timedelta
 
     from pyreqwest.client import ClientBuilder
+    from throughput import fan_out
 
-    sem = asyncio.Semaphore(concurrency)
-    bad = 0
     timeout = timedelta(seconds=300)
-    async with (
-        ClientBuilder().max_connections(concurrency).default_headers({"Content-Type": "application/json"})
-        .no_proxy().build()
-    ) as client:
+    builder = ClientBuilder().max_connections(concurrency).no_proxy()
+    async with builder.default_headers({"Content-Type": "application/json"}).build() as client:
 
-        async def post(body: bytes) -> None:
-            nonlocal bad
-            try:
-                resp = await client.post(url).body_bytes(body).timeout(timeout).build().send()
-                await resp.bytes()
-                bad += resp.status != 200
-            finally:
-                sem.release()
+        async def post(body: bytes) -> int:
+            resp = await client.post(url).body_bytes(body).timeout(timeout).build().send()
+            await resp.bytes()
+            return int(resp.status)
 
-        tasks: set[asyncio.Task[None]] = set()
-        t0 = time.monotonic()
-        for body in bodies:
-            await sem.acquire()
-            task = asyncio.create_task(post(body))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        await asyncio.gather(*tasks)
-        return time.monotonic() - t0, bad
+        return await fan_out(bodies, concurrency, post)
 
 
 def _ceiling_reqwest(input_path: Path, base_url: str, concurrency: int) -> dict[str, Any]:

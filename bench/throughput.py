@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -364,33 +364,45 @@ def check_results(ids: list[str], out: bytes, err: bytes) -> dict[str, Any]:
 # --------------------------------------------------------------------------- ceiling
 
 
-async def _ceiling(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, int]:
+async def fan_out(
+    bodies: list[bytes], concurrency: int, post: Callable[[bytes], Awaitable[int]]
+) -> tuple[float, int]:
+    """The bare client loop: a semaphore of ``concurrency``, one task per body; ``post``
+    returns the answer's status. Returns (seconds, answers other than 200)."""
     sem = asyncio.Semaphore(concurrency)
     bad = 0
+
+    async def one(body: bytes) -> None:
+        nonlocal bad
+        try:
+            bad += await post(body) != 200
+        finally:
+            sem.release()
+
+    tasks: set[asyncio.Task[None]] = set()
+    t0 = time.monotonic()
+    for body in bodies:
+        await sem.acquire()
+        task = asyncio.create_task(one(body))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+    return time.monotonic() - t0, bad
+
+
+async def _ceiling(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, int]:
     connector = aiohttp.TCPConnector(limit=concurrency)
     headers = {"Content-Type": "application/json"}
     async with aiohttp.ClientSession(
         connector=connector, headers=headers, skip_auto_headers=("User-Agent",)
     ) as session:
 
-        async def post(body: bytes) -> None:
-            nonlocal bad
-            try:
-                async with session.post(url, data=body) as resp:
-                    await resp.read()
-                    bad += resp.status != 200
-            finally:
-                sem.release()
+        async def post(body: bytes) -> int:
+            async with session.post(url, data=body) as resp:
+                await resp.read()
+                return resp.status
 
-        tasks: set[asyncio.Task[None]] = set()
-        t0 = time.monotonic()
-        for body in bodies:
-            await sem.acquire()
-            task = asyncio.create_task(post(body))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        await asyncio.gather(*tasks)
-        return time.monotonic() - t0, bad
+        return await fan_out(bodies, concurrency, post)
 
 
 def run_ceiling(fake_url: str, bodies: list[bytes], concurrency: int, fake: Proc) -> dict[str, Any]:

@@ -28,6 +28,14 @@ class UpstreamTimeout(UpstreamError):
     code = "request_timeout"
 
 
+def request_headers(api_key: str | None) -> dict[str, str]:
+    """The headers every upstream request carries."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
 class Upstream(Protocol):
     async def send(self, path: str, body: bytes, timeout: float) -> UpstreamResponse: ...
 

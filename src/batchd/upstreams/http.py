@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from batchd.upstreams.base import UpstreamError, UpstreamResponse, UpstreamTimeout
+from batchd.upstreams.base import UpstreamError, UpstreamResponse, UpstreamTimeout, request_headers
 
 _KEEP_HEADERS = frozenset({b"x-request-id", b"retry-after", b"retry-after-ms"})
 
@@ -28,9 +28,7 @@ def _kept_headers(raw: tuple[tuple[bytes, bytes], ...]) -> dict[str, str]:
 class HttpUpstream:
     def __init__(self, base_url: str, api_key: str | None, max_connections: int):
         self.base_url = base_url.rstrip("/")
-        self._headers = {"Content-Type": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._headers = request_headers(api_key)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 

@@ -13,7 +13,7 @@ from datetime import timedelta
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import PyreqwestError, RequestTimeoutError
 
-from batchd.upstreams.base import UpstreamError, UpstreamResponse, UpstreamTimeout
+from batchd.upstreams.base import UpstreamError, UpstreamResponse, UpstreamTimeout, request_headers
 
 _KEEP = frozenset({"x-request-id", "retry-after", "retry-after-ms"})
 
@@ -30,9 +30,7 @@ def _describe(exc: PyreqwestError) -> str:
 class ReqwestUpstream:
     def __init__(self, base_url: str, api_key: str | None, max_connections: int):
         self.base_url = base_url.rstrip("/")
-        self._headers = {"Content-Type": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._headers = request_headers(api_key)
         self._max_connections = max_connections
         self._client: Client | None = None
         self._timeouts: dict[float, timedelta] = {}
