@@ -215,14 +215,6 @@ class Store(WebhookQueries):
         async with self.engine.connect() as conn:
             return {i for (i,) in await conn.execute(q)}
 
-    async def batch_statuses(self, ids: Iterable[str]) -> dict[str, str]:
-        ids = list(ids)
-        if not ids:
-            return {}
-        q = select(batches.c.id, batches.c.status).where(batches.c.id.in_(ids))
-        async with self.engine.connect() as conn:
-            return {i: s for i, s in await conn.execute(q)}
-
     # ------------------------------------------------- pause, progress, metrics (extensions)
 
     async def set_paused(self, project: str, batch_id: str, paused_at: int | None) -> Row | None:
