@@ -19,6 +19,7 @@ import standardwebhooks
 from aiohttp import web
 
 from batchd.testing.fake_upstream import FakeUpstreamHandle
+from tests.integration.test_tenancy import new_key_in_process
 from tests.support import Server, jsonl, request_line, wait_terminal, wait_until
 
 LOOPBACK_OK = {"batchd_webhook_allow_http": "true", "batchd_webhook_allow_networks": "127.0.0.1/32"}
@@ -86,22 +87,7 @@ def receiver() -> Iterator[Receiver]:
 
 def admin_key(server: Server, project: str) -> str:
     """An admin key made in-process; then wait until the server has left open mode."""
-    from batchd.config import Settings
-    from batchd.keys import create_key
-    from batchd.store import Store
-
-    url = Settings(
-        data_dir=server.data_dir, database_url=server.env.get("BATCHD_DATABASE_URL")
-    ).resolved_database_url
-
-    async def go() -> str:
-        store = Store.open(url)
-        try:
-            return (await create_key(store, project, admin=True))[0]
-        finally:
-            await store.close()
-
-    key = asyncio.run(go())
+    key = new_key_in_process(server, project, admin=True)
     wait_until(
         lambda: httpx.get(server.base_url + "/files", timeout=10).status_code == 401, 10, what="keys to apply"
     )

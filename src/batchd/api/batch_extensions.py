@@ -86,28 +86,23 @@ async def batch_results(
 
 @router.post("/batches/{batch_id}/pause", response_model=p.Batch)
 async def pause_batch(batch_id: str, store: StoreDep, project: ProjectDep) -> p.Batch:
-    row = await store.set_paused(project, batch_id, int(time.time()))
-    if row is None:
-        raise not_found(batch_id)
-    if row["status"] not in ACTIVE:
-        raise InvalidRequest(
-            f"Cannot pause a batch with status '{row['status']}'.",
-            param="batch_id",
-            code="batch_not_pausable",
-        )
-    return (await present(store, [row]))[0]
+    return await _set_paused(store, project, batch_id, int(time.time()), "pause", "batch_not_pausable")
 
 
 @router.post("/batches/{batch_id}/resume", response_model=p.Batch)
 async def resume_batch(batch_id: str, store: StoreDep, project: ProjectDep) -> p.Batch:
-    row = await store.set_paused(project, batch_id, None)
+    return await _set_paused(store, project, batch_id, None, "resume", "batch_not_resumable")
+
+
+async def _set_paused(
+    store: Store, project: str, batch_id: str, paused_at: int | None, verb: str, code: str
+) -> p.Batch:
+    row = await store.set_paused(project, batch_id, paused_at)
     if row is None:
         raise not_found(batch_id)
     if row["status"] not in ACTIVE:
         raise InvalidRequest(
-            f"Cannot resume a batch with status '{row['status']}'.",
-            param="batch_id",
-            code="batch_not_resumable",
+            f"Cannot {verb} a batch with status '{row['status']}'.", param="batch_id", code=code
         )
     return (await present(store, [row]))[0]
 
