@@ -83,15 +83,12 @@ def deep(draw: st.DrawFn, cid: str) -> Line:
 
 @st.composite
 def huge_number(draw: st.DrawFn, cid: str) -> Line:
+    """JSON allows any number; one past 64 bits or a float's range is sent as written."""
     digits = draw(st.integers(1, 400))
     number = draw(st.sampled_from(["9", "1", "-9"])) + "0" * (digits - 1)
     number += draw(st.sampled_from(["", ".5", "e10", "e400", "e-400"]))
     raw = _dump(_obj(cid)).replace(b'"model"', b'"seed": ' + number.encode() + b', "model"', 1)
-    try:
-        finite = abs(float(number)) != float("inf")
-    except OverflowError:
-        finite = False
-    return Line(raw, None if finite else "invalid_json_line")
+    return Line(raw, None)
 
 
 @st.composite

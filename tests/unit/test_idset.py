@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from batchd.blobs import BlobStore
-from batchd.ingest.idset import IdSet, PartitionWriter, id_hash, repeated_in_dir
+from batchd.ingest.idset import SPACE, IdSet, RunWriter, id_hash, repeated_in_runs, run_files
 from batchd.ingest.validate import merge, validate_file
 
 
@@ -26,19 +26,34 @@ def test_forced_spill_finds_a_duplicate_across_spills(tmp_path: Path) -> None:
             ids.add_many([id_hash(f"id-{i}")])
         ids.add_many([id_hash("id-3")])  # its first occurrence was spilled long ago
         assert ids.spilled and len(ids.mem) < 8
-        assert list(tmp_path.glob("batchd-ids-*/p*.bin"))
+        assert list(tmp_path.glob("batchd-ids-*/run-*.u64"))
         assert ids.finish() == {id_hash("id-3")}
     finally:
         ids.close()
     assert not list(tmp_path.glob("batchd-ids-*"))
 
 
-def test_oversized_partition_is_split_again(tmp_path: Path) -> None:
-    w = PartitionWriter(tmp_path, "x")
-    hashes = [i << 6 for i in range(5000)]  # all in partition 0
-    w.add_many(hashes + [hashes[4321]])
-    w.close()
-    assert repeated_in_dir(tmp_path, bound=100, cap=10) == {hashes[4321]}
+def test_runs_past_the_bound_are_checked_a_slice_at_a_time(tmp_path: Path) -> None:
+    """Two writers (two range processes), runs of 100 hashes, 5,000 hashes: the check reads
+    slices of about 100, across both writers' runs, and the two halves of the hash space
+    (two checking processes) split the repeats between them."""
+    step = SPACE // 5000
+    hashes = [i * step + 7 for i in range(5000)]
+    a, b = RunWriter(tmp_path, "0", 100), RunWriter(tmp_path, "1", 100)
+    for i in range(0, 2500, 50):  # as a range validator does, a block at a time
+        a.add_many(hashes[i : i + 50])
+        b.add_many(hashes[2500 + i : 2550 + i])
+    a.add_many([hashes[4321]])
+    b.add_many([hashes[12]])
+    a.close()
+    b.close()
+    files = run_files(tmp_path)
+    assert len(files) == 52
+    assert repeated_in_runs(files, bound=100, cap=10) == {hashes[4321], hashes[12]}
+    half = SPACE // 2
+    assert repeated_in_runs(files, 100, 10, 0, half) == {hashes[12]}
+    assert repeated_in_runs(files, 100, 10, half, SPACE) == {hashes[4321]}
+    assert len(repeated_in_runs(files, 100, 1)) == 1  # the cap
 
 
 def test_same_hash_different_ids_is_not_a_duplicate() -> None:

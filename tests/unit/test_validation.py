@@ -186,3 +186,47 @@ def test_a_deep_line_in_a_clean_block_is_caught(tmp_path: Path) -> None:
         return [(e["code"], e["line"]) for e in plan.errors]
 
     assert asyncio.run(run()) == [("json_too_deep", 2)]
+
+
+def test_a_value_split_across_lines_is_not_taken_for_one_line_each(tmp_path: Path) -> None:
+    """Two values on one line plus one value over two lines: as many values as newlines, but
+    every one of those lines is wrong on its own (dispatch reads lines, not values)."""
+    blobs = BlobStore.local(tmp_path)
+    split = line("c").replace(', "method"', ',\n"method"')
+    text = line("a") + line("b") + "\n" + split + "\n"
+
+    async def run() -> list[tuple[str, int | None]]:
+        await blobs.put("s", text.encode())
+        plan = await validate_file(
+            blobs, "s", endpoint="/v1/chat/completions", chunk_lines=10, max_lines=100, max_errors=10
+        )
+        return [(e["code"], e["line"]) for e in plan.errors]
+
+    assert asyncio.run(run()) == [("invalid_json_line", n) for n in (1, 2, 3)]
+
+
+def test_numbers_past_a_float_are_valid_and_sent_as_written(tmp_path: Path) -> None:
+    """JSON puts no bound on numbers: validation accepts them on both paths, and dispatch sends
+    the body's bytes as the file holds them (a 30-digit id is not turned into a float)."""
+    from batchd.engine.chunk_run import BatchInfo
+    from batchd.engine.worker import _request_of
+
+    body = b'{"model": "m", "seed": 123456789012345678901234567890, "t": 1e400, "max_tokens": 7}'
+    raw = b'{"custom_id": "big", "method": "POST", "url": "/v1/chat/completions", "body": ' + body + b"}"
+    checker = LineChecker("/v1/chat/completions", max_lines=10, max_errors=10)
+    assert checker.check(1, raw) and checker.custom_id == "big"
+    assert not checker.check(2, raw.replace(b"1e400", b"NaN"))  # not JSON, whatever Python reads
+    blobs = BlobStore.local(tmp_path)
+
+    async def run() -> object:
+        await blobs.put("n", raw + b"\n" + raw.replace(b"big", b"big2") + b"\n")
+        return await validate_file(
+            blobs, "n", endpoint="/v1/chat/completions", chunk_lines=10, max_lines=100, max_errors=10
+        )
+
+    plan = asyncio.run(run())
+    assert plan.errors == [] and plan.total == 2  # type: ignore[attr-defined]
+    batch = BatchInfo("batch_1", "/v1/chat/completions", "/v1/chat/completions", "m", 0, "in")
+    request = _request_of(raw + b"\r", batch)
+    assert request.custom_id == "big" and request.body == body
+    assert request.tokens == len(body) // 4 + 7

@@ -16,8 +16,6 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import orjson
-
 from batchd.blobs import BlobStore
 from batchd.config import Settings
 from batchd.engine.chunk_run import BatchInfo, ChunkRun, bitmap_to_int
@@ -31,6 +29,7 @@ from batchd.engine.line_queue import LineQueue
 from batchd.engine.validation import validate_next
 from batchd.errors import BatchdError
 from batchd.ingest.lines import clean, split_block
+from batchd.ingest.lineshape import LIMITS, SENDABLE
 from batchd.metrics import watch_worker
 from batchd.store import Store
 from batchd.store.store import Row
@@ -436,10 +435,11 @@ class Worker:
 
 
 def _request_of(text: bytes, batch: BatchInfo) -> LineRequest:
-    """What to send for a validated line (so its shape holds), with its token estimate."""
-    obj = orjson.loads(text)
-    body = obj["body"]
-    raw = orjson.dumps(body)
-    max_output = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    """What to send for a validated line: its body's bytes as the file holds them (numbers
+    past 64 bits or a float's range stay as written), with its token estimate."""
+    line = SENDABLE.decode(text)
+    raw = bytes(line.body)
+    limits = LIMITS.decode(raw)
+    max_output = limits.max_completion_tokens or limits.max_tokens or limits.max_output_tokens
     tokens = estimate_tokens(len(raw), max_output if isinstance(max_output, int) else 0)
-    return LineRequest(obj["custom_id"], batch.model, batch.path, raw, tokens)
+    return LineRequest(line.custom_id, batch.model, batch.path, raw, tokens)

@@ -1,10 +1,14 @@
 """The custom_id duplicate check in bounded memory, for files of millions of lines.
 
 Ids are kept as 64-bit hashes (xxh3 of the UTF-8 bytes: stable across processes, so range
-validators in separate processes agree). Up to ``bound`` hashes live in a set; past that
-they spill to disk in ``PARTITIONS`` files by their low bits, and the end of the run checks
-one partition at a time (splitting again any partition still larger than ``bound``). The
-result is the set of hashes seen more than once; a caller confirms each one against the
+validators in separate processes agree). A writer holds up to ``bound`` hashes in an array;
+each time it fills, the array is sorted (numpy, in C) and written out as a *run*. The check
+then reads the runs back one slice of the hash space at a time: every run is sorted, so a
+slice is one contiguous stretch of each file, found by binary search on a memory map. Each
+slice is sorted and its equal neighbours are the repeats. Memory holds about ``bound`` hashes
+at any moment, never all of them, and no step touches a hash from Python.
+
+The result is the set of hashes seen more than once; a caller confirms each one against the
 actual ids (two ids may share a hash), so a collision never fails a batch.
 """
 
@@ -13,155 +17,119 @@ from __future__ import annotations
 import shutil
 import tempfile
 from array import array
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import xxhash
 
-PARTITIONS = 64
-_BITS = 6  # log2(PARTITIONS)
-_FLUSH = 8192  # hashes buffered per partition before an append to its file
+SPACE = 1 << 64  # the hash space; slices of it split the check between processes
+_RUNS = "run-*.u64"
 
 
 def id_hash(custom_id: str) -> int:
     return xxhash.xxh3_64_intdigest(custom_id.encode())
 
 
-class PartitionWriter:
-    """Appends hashes to ``PARTITIONS`` files under ``root`` (named with ``tag`` so several
-    processes can write side by side)."""
+class RunWriter:
+    """Hashes to sorted run files under ``root`` (named with ``tag``, so that several
+    processes can write side by side), ``bound`` hashes per run at most."""
 
-    def __init__(self, root: Path, tag: str, level: int = 0):
-        self.root, self.tag, self.shift = root, tag, level * _BITS
-        self.buffers = [array("Q") for _ in range(PARTITIONS)]
-        self.count = 0
+    def __init__(self, root: Path, tag: str, bound: int):
+        self.root, self.tag, self.bound = root, tag, max(bound, 1)
+        self.buf = array("Q")
+        self.runs = 0
 
     def add_many(self, hashes: Iterable[int]) -> None:
-        buffers, shift, mask = self.buffers, self.shift, PARTITIONS - 1
-        if shift:
-            for h in hashes:
-                buffers[(h >> shift) & mask].append(h)
-        else:
-            for h in hashes:
-                buffers[h & mask].append(h)
-        for p, buf in enumerate(buffers):
-            if len(buf) >= _FLUSH:
-                self._flush(buf, p)
-
-    def _flush(self, buf: array[int], p: int) -> None:
-        self.count += len(buf)
-        with open(self.root / f"p{p:02d}-{self.tag}.bin", "ab") as f:
-            buf.tofile(f)
-        del buf[:]
+        self.buf.extend(hashes)
+        if len(self.buf) >= self.bound:
+            self.close()
 
     def close(self) -> None:
-        """Flush every buffer (the writer stays usable)."""
-        for p, buf in enumerate(self.buffers):
-            if buf:
-                self._flush(buf, p)
+        """Write what is buffered as a run (the writer stays usable)."""
+        if self.buf:
+            _write_run(self.buf, self.root / f"run-{self.tag}-{self.runs:05d}.u64")
+            self.runs += 1
+            self.buf = array("Q")
 
 
-def repeated_in_partition(files: list[Path], bound: int, cap: int, level: int = 0) -> set[int]:
-    """Hashes that occur more than once across ``files`` (one partition), at most ``cap``."""
-    total = sum(f.stat().st_size for f in files) // 8
-    if total > bound and level < 9:
-        return _split_and_check(files, bound, cap, level + 1)
-    seen: set[int] = set()
-    repeated: set[int] = set()
-    for f in files:
-        arr = array("Q")
-        with open(f, "rb") as fh:
-            arr.frombytes(fh.read())
-        merge(seen, arr, repeated)
-        if len(repeated) >= cap:
-            break
-    return set(list(repeated)[:cap])
+def _write_run(buf: array[int], path: Path) -> None:
+    run = np.frombuffer(buf, dtype=np.uint64)
+    run.sort()
+    run.tofile(path)
 
 
-def merge(seen: set[int], hashes: Sequence[int], repeated: set[int]) -> None:
-    """Add ``hashes`` to ``seen``; every one already there or repeated within goes to
-    ``repeated``. All set operations: C speed; the Counter runs only when a repeat exists."""
-    new = set(hashes)
-    if len(new) < len(hashes):
-        repeated.update(h for h, c in Counter(hashes).items() if c > 1)
-    if not seen.isdisjoint(new):
-        repeated.update(seen & new)
-    seen |= new
+def _repeats_of(hashes: np.ndarray, cap: int) -> list[int]:
+    """Values that occur more than once in ``hashes`` (sorted in place), at most ``cap``."""
+    hashes.sort()
+    same = hashes[1:][hashes[1:] == hashes[:-1]]
+    return [int(h) for h in np.unique(same)[:cap]]
 
 
-def _split_and_check(files: list[Path], bound: int, cap: int, level: int) -> set[int]:
-    sub = Path(tempfile.mkdtemp(dir=files[0].parent, prefix=f"split{level}-"))
-    try:
-        writer = PartitionWriter(sub, "s", level)
-        for f in files:
-            arr = array("Q")
-            with open(f, "rb") as fh:
-                arr.frombytes(fh.read())
-            writer.add_many(arr)
-        writer.close()
-        return repeated_in_dir(sub, bound, cap, level)
-    finally:
-        shutil.rmtree(sub, ignore_errors=True)
+def repeated_in_runs(files: list[Path], bound: int, cap: int, lo: int = 0, hi: int = SPACE) -> set[int]:
+    """Hashes in ``[lo, hi)`` that occur more than once across the sorted runs ``files``,
+    at most ``cap``, checked in slices of about ``bound`` hashes."""
+    runs = [np.memmap(f, dtype=np.uint64, mode="r") for f in files if f.stat().st_size]
+    if not runs or cap <= 0:
+        return set()
 
+    def cut(value: int) -> list[int]:
+        if value >= SPACE:
+            return [len(r) for r in runs]
+        return [int(np.searchsorted(r, np.uint64(value))) for r in runs]
 
-def partition_files(root: Path) -> dict[int, list[Path]]:
-    parts: dict[int, list[Path]] = {}
-    for f in sorted(root.glob("p*-*.bin")):
-        parts.setdefault(int(f.name[1:3]), []).append(f)
-    return parts
-
-
-def repeated_in_dir(
-    root: Path, bound: int, cap: int, level: int = 0, only: Iterable[int] | None = None
-) -> set[int]:
-    """Repeated hashes over every partition under ``root`` (or the partitions ``only``)."""
+    start = cut(lo)
+    inside = sum(cut(hi)) - sum(start)
+    slices = max(1, -(-inside // max(bound, 1)))
     out: set[int] = set()
-    parts = partition_files(root)
-    for p in sorted(parts) if only is None else [p for p in only if p in parts]:
-        out |= repeated_in_partition(parts[p], bound, cap - len(out), level)
+    for k in range(slices):
+        end = cut(lo + (hi - lo) * (k + 1) // slices)
+        part = np.concatenate([r[a:b] for r, a, b in zip(runs, start, end, strict=True)])
+        out.update(_repeats_of(part, cap - len(out)))
         if len(out) >= cap:
             break
+        start = end
     return out
 
 
+def run_files(root: Path) -> list[Path]:
+    return sorted(root.glob(_RUNS))
+
+
 class IdSet:
-    """custom_id hashes of one validation run: in memory up to ``bound``, then on disk."""
+    """custom_id hashes of one validation run in this process: in memory up to ``bound``,
+    then in sorted runs on disk under a directory of ``spill_dir``."""
 
     def __init__(self, bound: int, spill_dir: Path | None = None, cap: int = 100_000):
         self.bound, self.cap = bound, cap
-        self.mem: set[int] = set()
-        self.repeated: set[int] = set()
+        self.mem = array("Q")
         self._spill_parent = spill_dir
-        self._root: Path | None = None
-        self._writer: PartitionWriter | None = None
+        self._writer: RunWriter | None = None
 
     @property
     def spilled(self) -> bool:
         return self._writer is not None
 
-    def add_many(self, hashes: list[int]) -> None:
-        merge(self.mem, hashes, self.repeated)
+    def add_many(self, hashes: Iterable[int]) -> None:
+        self.mem.extend(hashes)
         if len(self.mem) >= self.bound:
             self._spill()
 
     def _spill(self) -> None:
         if self._writer is None:
-            self._root = Path(tempfile.mkdtemp(prefix="batchd-ids-", dir=self._spill_parent))
-            self._writer = PartitionWriter(self._root, "0")
+            root = Path(tempfile.mkdtemp(prefix="batchd-ids-", dir=self._spill_parent))
+            self._writer = RunWriter(root, "0", self.bound)
         self._writer.add_many(self.mem)
-        self._writer.close()  # flush: what left memory is on disk
-        self.mem = set()
+        self._writer.close()
+        self.mem = array("Q")
 
     def finish(self) -> set[int]:
-        """Every hash seen more than once (at most ``cap``, plus those found in memory)."""
+        """Every hash seen more than once (at most ``cap``)."""
         if self._writer is None:
-            return self.repeated
-        assert self._root is not None
+            return set(_repeats_of(np.frombuffer(self.mem, dtype=np.uint64).copy(), self.cap))
         self._spill()
-        self._writer.close()
-        return self.repeated | repeated_in_dir(self._root, self.bound, self.cap)
+        return repeated_in_runs(run_files(self._writer.root), self.bound, self.cap)
 
     def close(self) -> None:
-        if self._root is not None:
-            shutil.rmtree(self._root, ignore_errors=True)
+        if self._writer is not None:
+            shutil.rmtree(self._writer.root, ignore_errors=True)

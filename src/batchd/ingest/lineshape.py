@@ -83,3 +83,27 @@ def line_decoder(endpoint: str) -> msgspec.json.Decoder[Any]:
 
 
 ID_DECODER = msgspec.json.Decoder(IdOnly)
+
+
+class Sendable(msgspec.Struct, gc=False):
+    """What dispatch reads of a validated line: the id, and the body's bytes untouched."""
+
+    custom_id: str
+    body: msgspec.Raw
+
+
+class Limits(msgspec.Struct, gc=False):
+    """The output limits a body may set, for the token estimate (any type: not checked here)."""
+
+    max_completion_tokens: Any = None
+    max_tokens: Any = None
+    max_output_tokens: Any = None
+
+
+class _Nothing(msgspec.Struct):
+    """Every field skipped: decoding checks only that the bytes are one JSON value."""
+
+
+SYNTAX = msgspec.json.Decoder(_Nothing)
+SENDABLE = msgspec.json.Decoder(Sendable)
+LIMITS = msgspec.json.Decoder(Limits)

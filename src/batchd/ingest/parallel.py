@@ -3,14 +3,15 @@
 The file is cut into ``processes`` byte ranges at line boundaries (a few small ranged reads
 find the newlines); each range is validated by ``RangeValidator`` in its own process, which
 streams it from the blob store (local directory or S3) in blocks. The custom_id hashes go to
-partition files on disk (``idset``), so no process holds all of them; the partitions are then
-checked for repeats, a few at a time per process, and only when some hash repeats is the file
-read once more to confirm the duplicates by their ids. The event loop only awaits futures.
+sorted runs on disk (``idset``), so no process holds all of them; each process then checks one
+slice of the hash space across every run, and only when some hash repeats is the file read
+once more to confirm the duplicates by their ids. The event loop only awaits futures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchd.blobs import BlobStore
-from batchd.ingest.idset import PARTITIONS, PartitionWriter, repeated_in_dir
+from batchd.ingest.idset import SPACE, RunWriter, repeated_in_runs, run_files
 from batchd.ingest.validate import (
     IdFinder,
     Plan,
@@ -50,6 +51,7 @@ class RangeJob:
     max_errors: int
     max_line_bytes: int | None
     spill_dir: str
+    id_bound: int
 
 
 async def line_boundaries(blobs: BlobStore, key: str, size: int, parts: int) -> list[int]:
@@ -103,7 +105,7 @@ async def _fetch_slice(
 
 
 def _validate_range(job: RangeJob) -> RangeResult:
-    writer = PartitionWriter(Path(job.spill_dir), str(job.index))
+    writer = RunWriter(Path(job.spill_dir), str(job.index), job.id_bound)
     checker = RangeValidator(
         job.endpoint,
         chunk_lines=job.chunk_lines,
@@ -127,8 +129,8 @@ def _find_in_range(job: RangeJob, wanted: set[int]) -> list[tuple[int, str]]:
     return finder.found
 
 
-def _repeats(spill_dir: str, bound: int, cap: int, only: list[int]) -> set[int]:
-    return repeated_in_dir(Path(spill_dir), bound, cap, only=only)
+def _repeats(spill_dir: str, bound: int, cap: int, lo: int, hi: int) -> set[int]:
+    return repeated_in_runs(run_files(Path(spill_dir)), bound, cap, lo, hi)
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -174,6 +176,7 @@ async def validate_parallel(
             max_errors=max_errors,
             max_line_bytes=max_line_bytes,
             spill_dir=str(spill),
+            id_bound=id_bound,
         )
         for i in range(processes)
         if cuts[i + 1] > cuts[i]
@@ -182,10 +185,14 @@ async def validate_parallel(
     pool = ProcessPoolExecutor(max_workers=processes, mp_context=_context())
     try:
         results = list(await asyncio.gather(*(loop.run_in_executor(pool, _validate_range, j) for j in jobs)))
-        groups = [list(range(PARTITIONS))[i::processes] for i in range(processes)]
+        # The hash space in one slice per process; each process holds ``id_bound`` at a time.
+        edges = [SPACE * i // processes for i in range(processes + 1)]
         cap = 10 * max_errors
         found = await asyncio.gather(
-            *(loop.run_in_executor(pool, _repeats, str(spill), id_bound, cap, g) for g in groups)
+            *(
+                loop.run_in_executor(pool, _repeats, str(spill), id_bound, cap, lo, hi)
+                for lo, hi in itertools.pairwise(edges)
+            )
         )
         repeated = set().union(*found)
         duplicates: list[tuple[int, str]] = []

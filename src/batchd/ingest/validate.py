@@ -15,11 +15,13 @@ range-local line numbers, the models they saw and chunks; ``merge`` puts them to
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 from xxhash import xxh3_64_intdigest
@@ -33,6 +35,7 @@ from batchd.ingest.lineshape import (
     DECODE_ERRORS,
     FORBIDDEN_BODY_FIELDS,
     ID_DECODER,
+    SYNTAX,
     line_decoder,
 )
 
@@ -104,7 +107,7 @@ class LineChecker:
         """Validate line ``n`` (1-based); True when it is a valid request line."""
         self.custom_id = self.model = None
         try:
-            obj = orjson.loads(text)
+            obj = _loads(text)
         except orjson.JSONDecodeError as exc:
             if "depth" in str(exc):
                 self.error("json_too_deep", f"This line nests more than {MAX_LINE_DEPTH} levels deep.", n)
@@ -200,7 +203,6 @@ class RangeValidator:
         on_ids: Callable[[list[int]], None],
     ):
         self.decode = line_decoder(endpoint).decode
-        self.decode_lines = line_decoder(endpoint).decode_lines
         self.checker = LineChecker(endpoint, max_lines, max_errors)
         self.chunk_lines, self.max_lines, self.max_errors = chunk_lines, max_lines, max_errors
         self.max_line_bytes = max_line_bytes if max_line_bytes is not None else 1 << 62
@@ -222,22 +224,23 @@ class RangeValidator:
         return self._feed_lines(block, offset, utf8)
 
     def _feed_whole(self, block: bytes, offset: int) -> bool:
-        """The common case in C: every line of the block valid, one model. ``decode_lines``
-        turns the block into valid-line structs; the chunk ends are located by counting
-        newlines, which also proves one value per line and no blank line. On any doubt (an
-        invalid or blank line, a new model, the line limit) the caller goes line by line."""
+        """The common case, in C but for a few steps per block: every line of the block
+        valid, one model. Each line is decoded on its own (``decode`` refuses a blank line, a
+        value split across lines and two values on one line, which ``decode_lines`` would
+        accept), and the chunk ends come from the line lengths. On any doubt (an invalid or
+        blank line, a new model, the line limit) the caller goes line by line."""
+        parts = block.split(b"\n")
+        if parts[-1] == b"":
+            parts.pop()
         try:
-            lines = self.decode_lines(block)
+            lines = list(map(self.decode, parts))
         except DECODE_ERRORS:
             return False
         count = len(lines)
         res = self.res
         if not count or res.total + count > self.max_lines:
             return False
-        ends = self._segment_ends(block, count)
-        if ends is None:
-            return False
-        if _may_nest_too_deep(block) or _may_overflow(block):
+        if _may_nest_too_deep(block):
             return False  # some line might nest too deep: the line path checks exactly
         models = set(map(_MODEL, lines))
         models.discard(None)
@@ -249,47 +252,26 @@ class RangeValidator:
             first = next(i for i, line in enumerate(lines) if _MODEL(line) is not None)
             self._saw_model(res.lines + first + 1, models.pop())
         self.on_ids(list(map(xxh3_64_intdigest, map(str.encode, map(_ID, lines)))))
-        rel, n = 0, res.lines
-        for take, end in ends:
-            c = self._c
-            if c is None:
-                c = self._c = [n + 1, offset + rel, 0, 0]
-            c[2] += take
-            c[3] = offset + end
-            n += take
-            rel = end
-            if c[2] >= self.chunk_lines:
-                self._close_chunk()
+        self._plan_lines(list(map(len, parts)), offset, len(block))
         res.lines += count
         res.total += count
         return True
 
-    def _segment_ends(self, block: bytes, count: int) -> list[tuple[int, int]] | None:
-        """(lines, end offset) of the pieces of ``block`` that fill the open chunk and then
-        whole chunks; None unless the block holds exactly ``count`` lines, none blank. One
-        ``find`` (memchr) per line: cheaper than counting bytes for lines of any length."""
-        room = self.chunk_lines - (self._c[2] if self._c is not None else 0)
-        body = len(block) - 1 if block.endswith(b"\n") else len(block)  # the last line's end
-        find = block.find
-        out: list[tuple[int, int]] = []
-        rel = done = 0
-        while done < count:
-            take = min(room, count - done)
-            room = self.chunk_lines
-            for _ in range(take):
-                nl = find(b"\n", rel, body)
-                rel = nl + 1 if nl >= 0 else body + 1
-                if rel > body:
-                    break
-            else:
-                out.append((take, rel))
-                done += take
-                continue
-            if done + take != count or _ != take - 1:
-                return None  # fewer lines than values: two values share a line
-            out.append((take, len(block)))
-            done += take
-        return out if out and out[-1][1] == len(block) else None
+    def _plan_lines(self, lengths: list[int], offset: int, size: int) -> None:
+        """Add lines of these lengths (each followed by a newline, but perhaps the last one
+        of the block) to the chunk plan, a chunk at a time."""
+        chunk_lines, n, rel, i, count = self.chunk_lines, self.res.lines, 0, 0, len(lengths)
+        while i < count:
+            c = self._c
+            if c is None:
+                c = self._c = [n + i + 1, offset + rel, 0, 0]
+            take = min(chunk_lines - c[2], count - i)
+            rel += sum(lengths[i : i + take]) + take
+            c[2] += take
+            c[3] = offset + min(rel, size)
+            i += take
+            if c[2] >= chunk_lines:
+                self._close_chunk()
 
     def _feed_lines(self, block: bytes, offset: int, utf8: bool) -> bool:
         block_end = offset + len(block)
@@ -307,12 +289,7 @@ class RangeValidator:
                 if raw.endswith(b"\r"):
                     raw = raw[:-1]
                 try:
-                    if (
-                        len(raw) > self.max_line_bytes
-                        or not utf8
-                        or _openers(raw) > MAX_LINE_DEPTH
-                        or _may_overflow(raw)
-                    ):
+                    if len(raw) > self.max_line_bytes or not utf8 or _openers(raw) > MAX_LINE_DEPTH:
                         raise ValueError
                     line = decode(raw)
                     if line.body.model is not None and "\x00" in line.body.model:
@@ -402,17 +379,25 @@ class RangeValidator:
 _ONLY_OPENERS = bytes(b for b in range(256) if b not in b"[{\n")
 
 
-_NUMERIC = bytes(
-    ord("0") if chr(b).isdigit() else ord("e") if chr(b) in "eE" else b if chr(b) == "+" else ord(" ")
-    for b in range(256)
-)
+def _loads(text: bytes) -> Any:
+    """orjson, but for a number past a float's range (``1e400``, 400 digits): JSON allows it,
+    dispatch sends the body as written, so the standard library reads such a line instead."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        if "infinity" not in str(exc):
+            raise
+        error = exc
+    try:
+        obj = json.loads(text.decode(), parse_constant=_no_constant)
+        SYNTAX.decode(text)  # as strict as msgspec, which dispatch reads the line with
+    except (ValueError, RecursionError, *DECODE_ERRORS):
+        raise error from None
+    return obj
 
 
-def _may_overflow(data: bytes) -> bool:
-    """Whether some number might not fit a float (orjson rejects it; the structs skip it
-    unread): a three-digit exponent or a run of 309 digits, found after one ``translate``."""
-    t = data.translate(_NUMERIC)
-    return b"e000" in t or b"e+000" in t or b"0" * 309 in t
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _openers(raw: bytes) -> int:
@@ -577,17 +562,36 @@ async def blocks_of(
 
 
 def file_blocks(path: Path, start: int, end: int, max_line: int | None = None) -> Iterator[tuple[bytes, int]]:
-    """``blocks_of`` for a local file, synchronously (for worker processes)."""
-    cutter = _Cutter(start, max_line)
-    with open(path, "rb") as f:
-        f.seek(start)
-        left = end - start
-        while left > 0:
-            piece = f.read(min(4 * BLOCK_BYTES, left))
+    """``blocks_of`` for a local file, synchronously (for worker processes). Each block is
+    one positioned read cut after its last newline; the next read starts there, so the only
+    copy is that cut. From a line longer than a block on, ``_Cutter`` takes over."""
+    with open(path, "rb", buffering=0) as f:
+        fd, at = f.fileno(), start
+        while at < end:
+            piece = os.pread(fd, min(BLOCK_BYTES, end - at), at)
             if not piece:
-                break
-            left -= len(piece)
-            yield from cutter.push(piece)
+                return
+            if at + len(piece) < end:
+                cut = piece.rfind(b"\n") + 1
+                if cut == 0:
+                    yield from _cut_file(f, at, end, max_line)
+                    return
+                if cut < len(piece):
+                    piece = piece[:cut]
+            yield piece, at
+            at += len(piece)
+
+
+def _cut_file(f: BinaryIO, start: int, end: int, max_line: int | None) -> Iterator[tuple[bytes, int]]:
+    cutter = _Cutter(start, max_line)
+    f.seek(start)
+    left = end - start
+    while left > 0:
+        piece = f.read(min(4 * BLOCK_BYTES, left))
+        if not piece:
+            break
+        left -= len(piece)
+        yield from cutter.push(piece)
     yield from cutter.rest()
 
 
