@@ -212,8 +212,11 @@ def big_run(args: argparse.Namespace, root: Path, lines: int) -> dict[str, Any]:
         out["validate_s"] = time.monotonic() - t0
         out["validate_mb_s"] = size / 1e6 / out["validate_s"]
         # The server's own figure (its log line), without the job pick-up and status polling.
-        took = re.findall(r"validated batch: in_progress .* in ([0-9.]+)s", stack.server.log_tail(200_000))
-        out["server_validate_s"] = float(took[-1]) if took else None
+        took = re.findall(
+            r"validated batch: in_progress \(.*?\) in ([0-9.]+)s \(file checked in ([0-9.]+)s\)",
+            stack.server.log_tail(200_000),
+        )
+        out["server_validate_s"], out["server_check_s"] = map(float, took[-1]) if took else (None, None)
         out.update(dispatch_window(args, stack, client, batch.id, lines))
         out["load_end"] = load()
     finally:

@@ -62,24 +62,39 @@ class IdOnly(msgspec.Struct, gc=False):
     custom_id: str
 
 
-@functools.cache
-def line_type(endpoint: str) -> Any:
-    """The struct of a valid line for one endpoint (its url is a literal)."""
+@functools.lru_cache(maxsize=64)
+def line_type(endpoint: str, model: str | None = None) -> Any:
+    """The struct of a valid line for one endpoint (its url is a literal), and once the
+    batch's model is known, for that model: a line naming another one then fails to decode
+    and goes to the checker, so the fast path never has to compare models itself."""
+    body = Body if model is None else _pinned_body(model)
     return msgspec.defstruct(
         "Line",
         [
             ("custom_id", Annotated[str, msgspec.Meta(min_length=1)]),
             ("method", Literal["POST"]),
             ("url", Literal[endpoint]),  # type: ignore[valid-type]
-            ("body", Body),
+            ("body", body),
         ],
         gc=False,
     )
 
 
-@functools.cache
-def line_decoder(endpoint: str) -> msgspec.json.Decoder[Any]:
-    return msgspec.json.Decoder(line_type(endpoint))
+def _pinned_body(model: str) -> Any:
+    return msgspec.defstruct(
+        "Body",
+        [
+            ("model", Literal[model] | None, None),  # type: ignore[valid-type]
+            ("stream", Literal[False] | None, None),
+            *((name, _Absent, msgspec.UNSET) for name in sorted(FORBIDDEN_BODY_FIELDS)),
+        ],
+        gc=False,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def line_decoder(endpoint: str, model: str | None = None) -> msgspec.json.Decoder[Any]:
+    return msgspec.json.Decoder(line_type(endpoint, model))
 
 
 ID_DECODER = msgspec.json.Decoder(IdOnly)

@@ -23,6 +23,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import orjson
 from xxhash import xxh3_64_intdigest
 
@@ -202,6 +203,7 @@ class RangeValidator:
         at_file_start: bool,
         on_ids: Callable[[list[int]], None],
     ):
+        self.endpoint = endpoint
         self.decode = line_decoder(endpoint).decode
         self.checker = LineChecker(endpoint, max_lines, max_errors)
         self.chunk_lines, self.max_lines, self.max_errors = chunk_lines, max_lines, max_errors
@@ -240,19 +242,19 @@ class RangeValidator:
         res = self.res
         if not count or res.total + count > self.max_lines:
             return False
-        if _may_nest_too_deep(block):
+        lengths = list(map(len, parts))
+        if _may_nest_too_deep(block, lengths):
             return False  # some line might nest too deep: the line path checks exactly
-        models = set(map(_MODEL, lines))
-        models.discard(None)
-        if any("\x00" in m for m in models):
-            return False
-        if models and models != {self.model}:
-            if self.model is not None or len(models) > 1:
+        if self.model is None:  # else ``decode`` took only lines of that model (or none)
+            models = set(map(_MODEL, lines))
+            models.discard(None)
+            if len(models) > 1 or any("\x00" in m for m in models):
                 return False
-            first = next(i for i, line in enumerate(lines) if _MODEL(line) is not None)
-            self._saw_model(res.lines + first + 1, models.pop())
+            if models:
+                first = next(i for i, line in enumerate(lines) if _MODEL(line) is not None)
+                self._saw_model(res.lines + first + 1, models.pop())
         self.on_ids(list(map(xxh3_64_intdigest, map(str.encode, map(_ID, lines)))))
-        self._plan_lines(list(map(len, parts)), offset, len(block))
+        self._plan_lines(lengths, offset, len(block))
         res.lines += count
         res.total += count
         return True
@@ -351,6 +353,7 @@ class RangeValidator:
         lines = self.res.models.setdefault(model, [])
         if self.model is None:
             self.model = model
+            self.decode = line_decoder(self.endpoint, model).decode
         if len(lines) <= self.max_errors:
             lines.append(n)
 
@@ -374,9 +377,6 @@ class RangeValidator:
     def finish(self) -> RangeResult:
         self._close_chunk()
         return self.res
-
-
-_ONLY_OPENERS = bytes(b for b in range(256) if b not in b"[{\n")
 
 
 def _loads(text: bytes) -> Any:
@@ -404,11 +404,16 @@ def _openers(raw: bytes) -> int:
     return raw.count(b"[") + raw.count(b"{")
 
 
-def _may_nest_too_deep(block: bytes) -> bool:
-    """Whether some line holds more than ``MAX_LINE_DEPTH`` opening brackets (the bound of its
-    depth): a C ``translate`` keeps only ``[``, ``{`` and newlines, then the longest run."""
-    openers = block.translate(None, _ONLY_OPENERS)
-    return max(map(len, openers.split(b"\n")), default=0) > MAX_LINE_DEPTH
+def _may_nest_too_deep(block: bytes, lengths: list[int]) -> bool:
+    """Whether some line holds more than ``MAX_LINE_DEPTH`` opening brackets (the bound of
+    its depth), in numpy: the positions of ``[`` and ``{``, each put on its line by a binary
+    search over the line ends, counted per line."""
+    data = np.frombuffer(block, np.uint8)
+    opens = np.flatnonzero((data == 0x5B) | (data == 0x7B))
+    if len(opens) <= MAX_LINE_DEPTH:
+        return False
+    ends = np.cumsum(np.asarray(lengths) + 1)  # just past each line's newline
+    return bool(np.bincount(np.searchsorted(ends, opens, side="right")).max() > MAX_LINE_DEPTH)
 
 
 def _is_utf8(block: bytes) -> bool:
