@@ -388,7 +388,10 @@ def many_batches(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             if first_done is None and any(v >= per * args.batch_lines for v in now_served.values()):
                 first_done = (time.monotonic(), now_served)
             if all(v >= per * args.batch_lines for v in now_served.values()):
-                break
+                # Every line is served; the last batches may still be finalizing.
+                times, statuses = completion_times(clients, created)
+                if set(statuses) <= TERMINAL:
+                    break
             if time.monotonic() - t_all > args.timeout:
                 raise BenchError(f"batches still running after {args.timeout}s: {now_served}")
             time.sleep(0.5)
@@ -398,7 +401,6 @@ def many_batches(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         out["window_s"] = first_done[0] - t_all
         out["jain"] = jain(share)
         out["served_in_window"] = share
-        times, statuses = completion_times(clients, created)
         out["statuses"] = statuses
         out["completion_s"] = {
             "min": min(times),
@@ -410,6 +412,9 @@ def many_batches(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     finally:
         out["rss_server_mb"], out["rss_tree_mb"] = stack.stop()
     return out
+
+
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
 def served(clients: dict[str, openai.OpenAI]) -> dict[str, int]:

@@ -114,6 +114,9 @@ class Server:
             "BATCHD_UPSTREAM_URL": upstream_url,
             "BATCHD_POLL_INTERVAL": "0.05",
             "BATCHD_CHECKPOINT_INTERVAL": "0.1",
+            # Each test server would start a fork server for big files it never gets; the test
+            # of that path turns it back on.
+            "BATCHD_VALIDATION_PRESTART": "false",
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -6,9 +6,10 @@ import hashlib
 from pathlib import Path
 
 import openai
+import psutil
 import pytest
 
-from tests.support import Server, jsonl, request_line, wait_terminal
+from tests.support import Server, jsonl, request_line, wait_terminal, wait_until
 
 
 def _batch_file(tmp_path: Path, n: int = 40) -> Path:
@@ -92,3 +93,47 @@ def test_a_line_over_max_line_bytes_fails_validation(make_server, fake_upstream)
     assert done.status == "failed" and done.errors is not None
     [err] = done.errors.data
     assert err.code == "line_too_long" and err.line == 2 and "BATCHD_MAX_LINE_BYTES" in (err.message or "")
+
+
+def test_a_big_file_is_validated_in_ranges_by_the_servers_processes(  # type: ignore[no-untyped-def]
+    make_server, fake_upstream, tmp_path: Path
+) -> None:
+    """Every file counts as big here: the server's fork server (started with the worker)
+    forks two range processes that read the file from the real store (a local file, or S3
+    on the pg back end). Errors come back with global line numbers, across the ranges."""
+    server = make_server(
+        fake_upstream.base_url,
+        batchd_parallel_validation_bytes="1",
+        batchd_validation_prestart="true",
+        batchd_chunk_lines="7",
+    )
+
+    def fork_server() -> bool:
+        assert server.proc is not None
+        kids = psutil.Process(server.proc.pid).children(recursive=True)
+        return any("forkserver" in " ".join(k.cmdline()) for k in kids)
+
+    wait_until(fork_server, 30, what="the validation fork server")
+    client = server.client()
+    path = _batch_file(tmp_path, 300)
+    good = client.uploads.upload_file_chunked(file=path, mime_type="text/jsonl", purpose="batch")
+    assert good.file is not None
+    batch = client.batches.create(
+        input_file_id=good.file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = wait_terminal(client, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 300
+
+    rows = [request_line(i) for i in range(300)]
+    rows[250] = request_line(3)  # a duplicate of line 4, in the other range
+    rows[280] = request_line(280, model="other-model")
+    bad = client.files.create(file=("bad.jsonl", jsonl(rows)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = wait_terminal(client, batch.id)
+    assert done.status == "failed" and done.errors is not None
+    assert [(e.code, e.line) for e in done.errors.data] == [
+        ("duplicate_custom_id", 251),
+        ("model_mismatch", 281),
+    ]

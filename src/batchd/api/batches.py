@@ -9,7 +9,7 @@ import orjson
 from fastapi import APIRouter, Query
 
 from batchd import protocol as p
-from batchd.api.deps import ProjectDep, SettingsDep, StoreDep
+from batchd.api.deps import ProjectDep, SettingsDep, StoreDep, WakeWorkerDep
 from batchd.api.presenters import batch_object
 from batchd.api.progress import present
 from batchd.api.quotas import check_quotas
@@ -48,7 +48,11 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
 
 @router.post("/batches", response_model=p.Batch)
 async def create_batch(
-    req: p.CreateBatchRequest, store: StoreDep, settings: SettingsDep, project: ProjectDep
+    req: p.CreateBatchRequest,
+    store: StoreDep,
+    settings: SettingsDep,
+    project: ProjectDep,
+    wake_worker: WakeWorkerDep,
 ) -> p.Batch:
     if req.endpoint not in p.BATCH_ENDPOINTS:
         raise InvalidRequest(
@@ -100,6 +104,7 @@ async def create_batch(
         expires_at=now + windows[req.completion_window],
         webhook_url=req.webhook_url,
     )
+    wake_worker()
     return batch_object(row)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -25,6 +26,17 @@ def _blobs(request: Request) -> BlobStore:
 
 def _settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def _wake_worker(request: Request) -> Callable[[], None]:
+    """Tells this process's worker (``batchd serve``) that there is new work, so a batch is
+    picked up at once instead of at the next poll; a no-op for an API without a worker."""
+    worker = getattr(request.app.state, "worker", None)
+    return worker.wake.set if worker is not None else _nothing
+
+
+def _nothing() -> None:
+    return None
 
 
 def _masked(secret: str) -> str:
@@ -85,4 +97,5 @@ StoreDep = Annotated[Store, Depends(_store)]
 BlobsDep = Annotated[BlobStore, Depends(_blobs)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ProjectDep = Annotated[str, Depends(_project)]
+WakeWorkerDep = Annotated[Callable[[], None], Depends(_wake_worker)]
 AdminDep = Annotated[Principal, Depends(_admin)]

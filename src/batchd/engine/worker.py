@@ -30,6 +30,7 @@ from batchd.engine.validation import validate_next
 from batchd.errors import BatchdError
 from batchd.ingest.lines import clean, split_block
 from batchd.ingest.lineshape import LIMITS, SENDABLE
+from batchd.ingest.parallel import prestart as prestart_validation
 from batchd.metrics import watch_worker
 from batchd.store import Store
 from batchd.store.store import Row
@@ -97,6 +98,7 @@ class Worker:
             asyncio.create_task(self._every(30.0, self._purge)),
             asyncio.create_task(self._every(self.settings.janitor_interval, self._sweep, at_start=True)),
             asyncio.create_task(self.webhooks.run(self.stop)),
+            asyncio.create_task(self._prestart_validation()),
         ]
         try:
             while not self.stop.is_set():
@@ -110,6 +112,14 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*sides, *senders, return_exceptions=True)
             await self.webhooks.aclose()
+
+    async def _prestart_validation(self) -> None:
+        if not (self.settings.validation_prestart and self.settings.validation_processes > 1):
+            return
+        try:
+            await asyncio.to_thread(prestart_validation)
+        except (OSError, RuntimeError) as exc:  # the first big file will try again
+            log.warning("could not start the validation fork server: %s", exc)
 
     async def run_until_idle(self, idle_ticks: int = 3) -> None:
         """Run until nothing is left to validate, dispatch or finalize (``batchd run``)."""
