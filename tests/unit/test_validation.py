@@ -210,8 +210,13 @@ def test_numbers_past_a_float_are_valid_and_sent_as_written(tmp_path: Path) -> N
     the body's bytes as the file holds them (a 30-digit id is not turned into a float)."""
     from batchd.engine.chunk_run import BatchInfo
     from batchd.engine.worker import _request_of
+    from batchd.ingest.lineshape import custom_id_of
 
-    body = b'{"model": "m", "seed": 123456789012345678901234567890, "t": 1e400, "max_tokens": 7}'
+    huge = b"9" * 5000  # past Python's 4300-digit limit for int()
+    body = (
+        b'{"model": "m", "seed": 123456789012345678901234567890, "t": 1e400, "n": ' + huge + b", "
+        b'"max_completion_tokens": 1e400, "max_tokens": 7}'
+    )
     raw = b'{"custom_id": "big", "method": "POST", "url": "/v1/chat/completions", "body": ' + body + b"}"
     checker = LineChecker("/v1/chat/completions", max_lines=10, max_errors=10)
     assert checker.check(1, raw) and checker.custom_id == "big"
@@ -229,4 +234,37 @@ def test_numbers_past_a_float_are_valid_and_sent_as_written(tmp_path: Path) -> N
     batch = BatchInfo("batch_1", "/v1/chat/completions", "/v1/chat/completions", "m", 0, "in")
     request = _request_of(raw + b"\r", batch)
     assert request.custom_id == "big" and request.body == body
-    assert request.tokens == len(body) // 4 + 7
+    # What finalize (lines never answered) and rerun read of an input line.
+    assert custom_id_of(raw) == "big"
+    assert request.tokens == len(body) // 4 + 7  # the first limit that is a plain integer
+
+
+def test_every_custom_id_of_a_repeated_key_must_be_a_string() -> None:
+    """The last key wins, but dispatch reads every occurrence: a line whose earlier custom_id
+    is not a string is refused at validation, not left to fail when it is sent."""
+    checker = LineChecker("/v1/chat/completions", max_lines=10, max_errors=10)
+
+    def repeated(first: str) -> bytes:
+        return line("a").replace('{"custom_id"', '{"custom_id": ' + first + ', "custom_id"', 1).encode()
+
+    assert not checker.check(1, repeated("5"))
+    assert [(e["code"], e["param"]) for e in checker.plan.errors] == [("invalid_type", "custom_id")]
+    assert checker.check(2, repeated('"x"')) and checker.custom_id == "a"
+
+
+def test_a_last_line_without_newline_ends_its_chunk_at_the_end_of_the_file(tmp_path: Path) -> None:
+    """On the line-by-line path (a blank line sends the block there) too."""
+    blobs = BlobStore.local(tmp_path)
+    data = (line("a") + "\n\n" + line("b")).encode()
+
+    async def run() -> object:
+        await blobs.put("f", data)
+        return await validate_file(
+            blobs, "f", endpoint="/v1/chat/completions", chunk_lines=1, max_lines=10, max_errors=10
+        )
+
+    plan = asyncio.run(run())
+    assert [(c["byte_start"], c["byte_end"]) for c in plan.chunks] == [  # type: ignore[attr-defined]
+        (0, len(line("a")) + 1),
+        (len(line("a")) + 2, len(data)),
+    ]

@@ -11,14 +11,13 @@ import logging
 import time
 from typing import Any
 
-import orjson
-
 from batchd.blobs import BlobStore
 from batchd.engine.chunk_run import bitmap_to_int
 from batchd.engine.janitor import sweep_batch_parts
 from batchd.engine.results import error_result
 from batchd.ids import file_id
 from batchd.ingest.lines import clean, split_block
+from batchd.ingest.lineshape import custom_id_of
 from batchd.metrics import BATCHES_FINISHED, LINES_ENDED
 from batchd.protocol import OUTPUT_TTL
 from batchd.store import Store
@@ -116,7 +115,7 @@ async def _write_tail(
             if text is None:
                 continue
             if not (done >> idx) & 1:
-                custom_id = _custom_id(text)
+                custom_id = custom_id_of(text)
                 await writer.write(error_result(custom_id, code).line)
                 lines += 1
             idx += 1
@@ -141,6 +140,3 @@ async def _write_tail(
         chunk_done=False,
     )
 
-
-def _custom_id(text: bytes) -> str:
-    return str(orjson.loads(text)["custom_id"])

@@ -449,7 +449,5 @@ def _request_of(text: bytes, batch: BatchInfo) -> LineRequest:
     past 64 bits or a float's range stay as written), with its token estimate."""
     line = SENDABLE.decode(text)
     raw = bytes(line.body)
-    limits = LIMITS.decode(raw)
-    max_output = limits.max_completion_tokens or limits.max_tokens or limits.max_output_tokens
-    tokens = estimate_tokens(len(raw), max_output if isinstance(max_output, int) else 0)
+    tokens = estimate_tokens(len(raw), LIMITS.decode(raw).max_output())
     return LineRequest(line.custom_id, batch.model, batch.path, raw, tokens)

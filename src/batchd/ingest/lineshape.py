@@ -100,6 +100,12 @@ def line_decoder(endpoint: str, model: str | None = None) -> msgspec.json.Decode
 ID_DECODER = msgspec.json.Decoder(IdOnly)
 
 
+def custom_id_of(line: bytes) -> str:
+    """The custom_id of a validated input line (any number in it, even past a float's range,
+    is skipped unread: orjson would refuse the line)."""
+    return str(ID_DECODER.decode(line).custom_id)
+
+
 class Sendable(msgspec.Struct, gc=False):
     """What dispatch reads of a validated line: the id, and the body's bytes untouched."""
 
@@ -108,11 +114,22 @@ class Sendable(msgspec.Struct, gc=False):
 
 
 class Limits(msgspec.Struct, gc=False):
-    """The output limits a body may set, for the token estimate (any type: not checked here)."""
+    """The output limits a body may set, for the token estimate. Raw: any value (a string,
+    ``1e400``) reads without error, and only a plain integer counts (``max_output``)."""
 
-    max_completion_tokens: Any = None
-    max_tokens: Any = None
-    max_output_tokens: Any = None
+    max_completion_tokens: msgspec.Raw = msgspec.Raw()
+    max_tokens: msgspec.Raw = msgspec.Raw()
+    max_output_tokens: msgspec.Raw = msgspec.Raw()
+
+    def max_output(self) -> int:
+        for raw in (self.max_completion_tokens, self.max_tokens, self.max_output_tokens):
+            try:
+                value = int(bytes(raw))
+            except ValueError:  # absent, not an integer, or past Python's digit limit
+                continue
+            if value:
+                return value
+        return 0
 
 
 class _Nothing(msgspec.Struct):

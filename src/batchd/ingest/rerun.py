@@ -12,6 +12,7 @@ import orjson
 
 from batchd.blobs import BlobStore, BlobWriter
 from batchd.ingest.lines import clean, iter_lines
+from batchd.ingest.lineshape import custom_id_of
 
 
 async def error_custom_ids(blobs: BlobStore, pieces: Sequence[tuple[str, int]]) -> set[str]:
@@ -37,7 +38,7 @@ async def copy_lines(blobs: BlobStore, input_key: str, ids: set[str], writer: Bl
         text = clean(raw, start == 0)
         if text is None:
             continue
-        custom_id = orjson.loads(text).get("custom_id")
+        custom_id = custom_id_of(text)
         if custom_id in left:
             left.discard(custom_id)
             await writer.write(text + b"\n")

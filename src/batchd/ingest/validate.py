@@ -36,6 +36,7 @@ from batchd.ingest.lineshape import (
     DECODE_ERRORS,
     FORBIDDEN_BODY_FIELDS,
     ID_DECODER,
+    SENDABLE,
     SYNTAX,
     line_decoder,
 )
@@ -121,7 +122,15 @@ class LineChecker:
         if json_depth_exceeds(text, MAX_LINE_DEPTH):
             self.error("json_too_deep", f"This line nests more than {MAX_LINE_DEPTH} levels deep.", n)
             return False
-        return self._check_fields(n, obj)
+        if not self._check_fields(n, obj):
+            return False
+        try:
+            SENDABLE.decode(text)  # what dispatch reads: every 'custom_id' of a repeated key
+        except DECODE_ERRORS:
+            message = "'custom_id' must be a string, every time the key appears."
+            self.error("invalid_type", message, n, "custom_id")
+            return False
+        return True
 
     def _check_fields(self, n: int, obj: dict[str, Any]) -> bool:
         ok = True
@@ -287,7 +296,7 @@ class RangeValidator:
             for raw in parts:
                 n += 1
                 start = pos
-                pos += len(raw) + 1
+                pos = min(pos + len(raw) + 1, block_end)  # the last line may have no newline
                 if raw.endswith(b"\r"):
                     raw = raw[:-1]
                 try:
@@ -317,8 +326,6 @@ class RangeValidator:
             return not self.checker.full
         finally:
             res.lines, res.total = n, max(total, res.total)
-            if self._c is not None and self._c[3] > block_end:
-                self._c[3] = block_end  # the last line had no newline
             self.on_ids(hashes)
 
     def _slow(self, n: int, raw: bytes, hashes: list[int], start: int, end: int) -> bool:
@@ -389,7 +396,9 @@ def _loads(text: bytes) -> Any:
             raise
         error = exc
     try:
-        obj = json.loads(text.decode(), parse_constant=_no_constant)
+        # Only the types of a few fields matter here: an integer past Python's digit limit
+        # is read as a float rather than refused.
+        obj = json.loads(text.decode(), parse_constant=_no_constant, parse_int=float)
         SYNTAX.decode(text)  # as strict as msgspec, which dispatch reads the line with
     except (ValueError, RecursionError, *DECODE_ERRORS):
         raise error from None
