@@ -26,7 +26,6 @@ import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -252,6 +251,7 @@ def render(with_db: bool) -> bytes:
 async def serve_metrics(host: str, port: int) -> AsyncIterator[None]:
     """``batchd worker --metrics-port``: a tiny HTTP server with ``GET /metrics`` (this
     process's counters and engine state; no database gauges, no auth: bind it privately)."""
+    from aiohttp import web  # here, not at import: every server would pay ~0.1 s for it
 
     async def handle(_: web.Request) -> web.Response:
         return web.Response(body=render(with_db=False), headers={"content-type": CONTENT_TYPE})

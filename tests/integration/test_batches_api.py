@@ -64,6 +64,7 @@ def test_lifecycle_chat(server: Server, fake_upstream: FakeUpstreamHandle) -> No
     assert server.hook.checked > 5
 
 
+@pytest.mark.backends("sqlite")
 @pytest.mark.parametrize("endpoint", ENDPOINTS[1:])
 def test_every_endpoint(server: Server, endpoint: str) -> None:
     client = server.client()
@@ -75,6 +76,7 @@ def test_every_endpoint(server: Server, endpoint: str) -> None:
     assert len(out) == 5 and err == []
 
 
+@pytest.mark.backends("sqlite")
 def test_mixed_upstream_4xx_go_to_error_file(server: Server) -> None:
     client = server.client()
     lines = [request_line(i, **({"fake_status": 400} if i % 3 == 0 else {})) for i in range(12)]
@@ -92,6 +94,7 @@ def test_mixed_upstream_4xx_go_to_error_file(server: Server) -> None:
     assert all(o["response"]["status_code"] == 200 for o in out)
 
 
+@pytest.mark.backends("sqlite")
 def test_all_lines_failing_is_still_completed(server: Server) -> None:
     client = server.client()
     done = wait_terminal(client, _submit(client, [request_line(i, fake_status=422) for i in range(3)]).id)
@@ -99,6 +102,7 @@ def test_all_lines_failing_is_still_completed(server: Server) -> None:
     assert done.request_counts.failed == 3
 
 
+@pytest.mark.backends("sqlite")
 def test_transient_faults_are_retried(server: Server, fake_upstream: FakeUpstreamHandle) -> None:
     client = server.client()
     lines = [request_line(i, fake_fail_times=2) for i in range(5)]
@@ -110,6 +114,7 @@ def test_transient_faults_are_retried(server: Server, fake_upstream: FakeUpstrea
     assert stats["by_status"][200] == 5
 
 
+@pytest.mark.backends("sqlite")
 def test_create_errors(server: Server) -> None:
     client = server.client()
     f = client.files.create(file=("b.jsonl", jsonl([request_line(1)])), purpose="batch")
@@ -207,6 +212,7 @@ def test_output_expires_after(server: Server) -> None:
     assert out_file.expires_at == out_file.created_at + 7200
 
 
+@pytest.mark.backends("sqlite")
 def test_unknown_batch_is_404(server: Server) -> None:
     client = server.client()
     with pytest.raises(openai.NotFoundError) as exc:
@@ -271,6 +277,7 @@ def test_validation_reports_every_error_with_its_line(
     assert fake_upstream.stats()["requests"] == 0
 
 
+@pytest.mark.backends("sqlite")
 def test_empty_file_fails(server: Server) -> None:
     client = server.client()
     f = client.files.create(file=("empty.jsonl", b"\n\n"), purpose="batch")
@@ -280,6 +287,7 @@ def test_empty_file_fails(server: Server) -> None:
     assert [e.code for e in done.errors.data] == ["empty_file"]
 
 
+@pytest.mark.backends("sqlite")
 def test_too_many_lines(make_server: Any, fake_upstream: FakeUpstreamHandle) -> None:
     server = make_server(fake_upstream.base_url, batchd_max_lines_per_batch="5")
     client = server.client()
@@ -290,6 +298,7 @@ def test_too_many_lines(make_server: Any, fake_upstream: FakeUpstreamHandle) -> 
     assert fake_upstream.stats()["requests"] == 0
 
 
+@pytest.mark.backends("sqlite")
 def test_crlf_bom_blank_lines_and_no_final_newline(server: Server) -> None:
     client = server.client()
     lines = [json.dumps(request_line(i)) for i in range(4)]
@@ -339,6 +348,7 @@ def test_cancel_mid_run(make_server: Any, fake_upstream: FakeUpstreamHandle) -> 
     assert len(cancelled) == len(err) and fake_upstream.stats()["requests"] < 300
 
 
+@pytest.mark.backends("sqlite")
 def test_cancel_finished_batch_is_a_final_400(server: Server, fake_upstream: FakeUpstreamHandle) -> None:
     client = server.client(max_retries=2)
     done = wait_terminal(client, _submit(client, [request_line(1)]).id)

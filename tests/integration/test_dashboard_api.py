@@ -14,6 +14,8 @@ from batchd.testing.fake_upstream import FakeUpstreamHandle
 from tests.integration.test_tenancy import client, new_key_in_process, raw, wait_auth_on
 from tests.support import Server, assert_schema, jsonl, request_line, wait_terminal
 
+pytestmark = pytest.mark.backends("sqlite")  # the back end is incidental here
+
 
 def root(server: Server) -> str:
     return server.base_url[:-3]

@@ -44,6 +44,7 @@ def edge_server(make_server: Callable[..., Server], fake_upstream: FakeUpstreamH
     )
 
 
+@pytest.mark.backends("sqlite")
 def test_json_body_size_nesting_and_encoding(edge_server: Server) -> None:
     s = edge_server
     # Size: declared and undeclared (chunked) bodies over the limit; never read into memory whole.
@@ -136,6 +137,7 @@ def test_stalled_or_abandoned_upload_leaves_nothing(edge_server: Server, backend
     assert c.files.list().data == []
 
 
+@pytest.mark.backends("sqlite")
 def test_stalled_json_body_and_stalled_part(edge_server: Server) -> None:
     s = edge_server
     with socket.create_connection(("127.0.0.1", s.port)) as sock:
@@ -160,6 +162,7 @@ def test_stalled_json_body_and_stalled_part(edge_server: Server) -> None:
     assert not [p for p in (s.data_dir / "blobs").rglob("*") if p.is_file() and "uploads" in p.parts]
 
 
+@pytest.mark.backends("sqlite")
 def test_key_is_checked_before_the_body(
     make_server: Callable[..., Server], fake_upstream: FakeUpstreamHandle
 ) -> None:
@@ -178,6 +181,7 @@ def test_key_is_checked_before_the_body(
     assert raw(s, "GET", "/files", key).status_code == 200
 
 
+@pytest.mark.backends("sqlite")
 def test_uploads_count_against_the_byte_quota(
     make_server: Callable[..., Server], fake_upstream: FakeUpstreamHandle
 ) -> None:

@@ -33,12 +33,14 @@ def test_upload_retrieve_content_delete(server: Server) -> None:
         client.files.delete(f.id)
 
 
+@pytest.mark.backends("sqlite")
 def test_bytes_upload_gets_default_filename_and_other_purposes(server: Server) -> None:
     client = server.client()
     f = client.files.create(file=b"hello", purpose="user_data")
     assert f.filename == "upload" and f.expires_at is None and f.bytes == 5
 
 
+@pytest.mark.backends("sqlite")
 def test_expires_after_bracket_fields(server: Server) -> None:
     client = server.client()
     f = client.files.create(
@@ -52,6 +54,7 @@ def test_expires_after_bracket_fields(server: Server) -> None:
     assert exc.value.param == "expires_after.seconds"
 
 
+@pytest.mark.backends("sqlite")
 def test_batch_purpose_needs_jsonl(server: Server) -> None:
     client = server.client()
     with pytest.raises(openai.BadRequestError) as exc:
@@ -61,6 +64,7 @@ def test_batch_purpose_needs_jsonl(server: Server) -> None:
     assert client.files.list().data == []
 
 
+@pytest.mark.backends("sqlite")
 def test_bad_purpose_and_missing_fields(server: Server) -> None:
     client = server.client()
     with pytest.raises(openai.BadRequestError) as exc:
@@ -81,6 +85,7 @@ def test_bad_purpose_and_missing_fields(server: Server) -> None:
     assert_schema("ErrorResponse", err)
 
 
+@pytest.mark.backends("sqlite")
 def test_file_part_before_purpose_is_accepted(server: Server) -> None:
     """Clients other than the SDK may send the file first; it is still checked."""
     body = (
@@ -122,6 +127,7 @@ def test_list_pagination_order_and_after_last(server: Server) -> None:
     assert exc.value.param == "limit"
 
 
+@pytest.mark.backends("sqlite")
 def test_unknown_route_and_bad_json_use_the_envelope(server: Server) -> None:
     req = urllib.request.Request(server.base_url + "/nope")
     with pytest.raises(urllib.error.HTTPError) as exc:

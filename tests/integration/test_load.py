@@ -8,6 +8,8 @@ import importlib.util
 import sys
 from collections.abc import Callable
 
+import pytest
+
 from batchd.testing.fake_upstream import FakeUpstreamHandle
 from tests.integration.test_tenancy import client, new_key_in_process, wait_auth_on
 from tests.support import ROOT, Server, jsonl, request_line, wait_terminal
@@ -17,6 +19,9 @@ assert spec and spec.loader
 load = importlib.util.module_from_spec(spec)
 sys.modules["bench_load"] = load  # dataclasses look their module up
 spec.loader.exec_module(load)
+
+
+pytestmark = pytest.mark.backends("sqlite")  # the back end is incidental here
 
 
 def test_fifty_clients_while_a_batch_runs_see_no_errors(

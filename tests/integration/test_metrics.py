@@ -130,11 +130,10 @@ def metrics_need_an_admin_key_once_keys_exist(server: Server) -> None:
     assert value(scrape(url, admin), "batchd_batches", status="completed") == 2
 
 
+@pytest.mark.backends("sqlite")  # a process option; the back end adds nothing here
 def test_separate_worker_serves_its_own_metrics(
-    make_server: Callable[..., Server], fake_upstream: FakeUpstreamHandle, backend: dict[str, str]
+    make_server: Callable[..., Server], fake_upstream: FakeUpstreamHandle
 ) -> None:
-    if backend["BATCHD_TEST_BACKEND"] != "sqlite":
-        pytest.skip("a process option; the back end adds nothing here")
     api = make_server(fake_upstream.base_url, batchd_run_worker="false")
     port = free_port()
     make_server(fake_upstream.base_url, command="worker", batchd_metrics_port=str(port))

@@ -18,7 +18,7 @@ import pytest
 from batchd.testing.fake_upstream import FakeUpstreamHandle
 from tests.support import ROOT, Server, _operation_schema, assert_schema
 
-pytestmark = pytest.mark.node
+pytestmark = [pytest.mark.node, pytest.mark.backends("sqlite")]  # the SDK is the point
 
 NODE_DIR = ROOT / "tests" / "node"
 SCRIPT = NODE_DIR / "lifecycle.mjs"

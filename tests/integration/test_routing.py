@@ -6,8 +6,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from batchd.testing import FakeUpstream
 from tests.support import jsonl, read_results, request_line, wait_terminal, wait_until
+
+pytestmark = pytest.mark.backends("sqlite")  # the back end is incidental here
 
 
 def _config(tmp_path: Path, a_url: str, b_url: str) -> Path:

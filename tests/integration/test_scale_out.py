@@ -31,11 +31,8 @@ def _exactly_once(client: Any, done: Any, n: int) -> None:
     assert len(seen) == n and max(seen.values()) == 1
 
 
-def test_two_apis_three_workers_one_killed(
-    make_server: Any, fake_upstream: FakeUpstreamHandle, backend: dict[str, str]
-) -> None:
-    if backend["BATCHD_TEST_BACKEND"] != "pg":
-        pytest.skip("several machines share PostgreSQL and S3; SQLite + a local directory is one machine")
+@pytest.mark.backends("pg")  # several machines share PostgreSQL and S3; SQLite is one machine
+def test_two_apis_three_workers_one_killed(make_server: Any, fake_upstream: FakeUpstreamHandle) -> None:
     fake_upstream.configure(latency=0.01)
     common = {"batchd_lease_seconds": "3", "batchd_chunk_lines": "500"}
     apis = [

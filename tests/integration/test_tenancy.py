@@ -194,6 +194,7 @@ def test_admin_routes_and_quotas(tenants: tuple[Server, dict[str, str]]) -> None
     assert "big.jsonl" not in [x.filename for x in client(server, keys["a"]).files.list().data]
 
 
+@pytest.mark.backends("sqlite")
 def test_forbidden_body_fields_and_upstream_key_never_leaks(
     make_server: Callable[..., Server], fake_upstream: FakeUpstreamHandle
 ) -> None:

@@ -57,6 +57,7 @@ def test_completion_checks_md5_and_byte_total_then_cancel(server: Server) -> Non
         client.uploads.complete(up.id, part_ids=[a.id, b.id], md5=good)
 
 
+@pytest.mark.backends("sqlite")
 def test_unknown_ids_limits_and_part_size(make_server, fake_upstream) -> None:  # type: ignore[no-untyped-def]
     server = make_server(fake_upstream.base_url, batchd_max_file_bytes="1000")
     client = server.client(max_retries=0)
@@ -81,6 +82,7 @@ def test_unknown_ids_limits_and_part_size(make_server, fake_upstream) -> None:  
     assert exc.value.status_code == 413
 
 
+@pytest.mark.backends("sqlite")
 def test_a_line_over_max_line_bytes_fails_validation(make_server, fake_upstream) -> None:  # type: ignore[no-untyped-def]
     server = make_server(fake_upstream.base_url, batchd_max_line_bytes="400")
     client = server.client()

@@ -224,6 +224,7 @@ def test_delivered_after_a_restart(
     assert row["attempts"] >= len(receiver.received) > failed_attempts
 
 
+@pytest.mark.backends("sqlite")
 def test_private_addresses_refused_at_create_and_after_resolution(
     make_server: Callable[..., Server], fake_upstream: FakeUpstreamHandle, receiver: Receiver
 ) -> None:

@@ -10,6 +10,7 @@ import time
 import orjson
 import pytest
 
+from batchd.engine import retry
 from batchd.engine.dispatch import Backoff, LineRequest, SendPolicy, send_line
 from batchd.engine.lanes import Router, UpstreamSpec
 from batchd.engine.results import LineResult, error_result, http_result, usage_of
@@ -42,7 +43,7 @@ def test_http_error_and_garbage_bodies() -> None:
 def test_output_line_is_one_json_line_whatever_the_upstream_bytes() -> None:
     """Raw upstream bytes are embedded only when they are one line; pretty-printed bodies are
     re-serialised, and ids that need escaping are escaped."""
-    body = {"id": "x", "choices": [{"text": "a\nb \u2028 \"q\""}], "usage": {"total_tokens": 2}}
+    body = {"id": "x", "choices": [{"text": 'a\nb \u2028 "q"'}], "usage": {"total_tokens": 2}}
     for raw in (orjson.dumps(body), json.dumps(body, indent=2).encode(), b"\r\n" + orjson.dumps(body)):
         r = http_result('we"ird\\id\u00e9', UpstreamResponse(200, raw, {"x-request-id": 'r"1'}))
         assert r.line.count(b"\n") == 1 and r.line.endswith(b"\n")
@@ -126,9 +127,11 @@ def test_timeouts_exhaust_attempts_while_the_upstream_is_up() -> None:
     assert obj["response"] is None and obj["error"]["code"] == "request_timeout"
 
 
-def test_outage_does_not_spend_attempts() -> None:
+def test_outage_does_not_spend_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Eight connection failures in a row mark the upstream down; the line keeps waiting (on
-    probes) instead of failing after max_attempts, and succeeds when the upstream is back."""
+    probes) instead of failing after max_attempts, and succeeds when the upstream is back.
+    (Backoff capped at 50 ms: the count of calls is the point, not the real delays.)"""
+    monkeypatch.setattr(retry, "MAX_BACKOFF", 0.05)
 
     async def handler(n: int) -> UpstreamResponse:
         if n <= 8:
@@ -251,8 +254,13 @@ def test_deferred_backoff_is_handed_back_with_the_attempts_spent() -> None:
         attempt = 0
         for _ in range(10):
             out = await send_line(
-                router, req, deadline=time.time() + 600, policy=POLICY, stopping=lambda: False,
-                attempt=attempt, defer=True,
+                router,
+                req,
+                deadline=time.time() + 600,
+                policy=POLICY,
+                stopping=lambda: False,
+                attempt=attempt,
+                defer=True,
             )
             outcomes.append(out)
             if not isinstance(out, Backoff):
