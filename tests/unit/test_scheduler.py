@@ -25,6 +25,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 async def seed_batch(store: Store, batch_id: str, project: str, chunks: int, expires_at: int) -> None:
     """A batch that passed validation with ``chunks`` chunks of one line each."""
+    await new_batch(store, batch_id, project, expires_at)
+    job = await store.claim_validation("v", 100.0, 30)
+    assert job is not None and job["id"] == batch_id
+    await start(store, batch_id, chunks, expires_at)
+
+
+async def new_batch(store: Store, batch_id: str, project: str, expires_at: int) -> None:
+    """A batch just created: ``validating``, its file waiting to be checked."""
     await store.insert_file(
         id=f"file-{batch_id}",
         project=project,
@@ -51,8 +59,9 @@ async def seed_batch(store: Store, batch_id: str, project: str, chunks: int, exp
         created_at=1,
         expires_at=expires_at,
     )
-    job = await store.claim_validation("v", 100.0, 30)
-    assert job is not None and job["id"] == batch_id
+
+
+async def start(store: Store, batch_id: str, chunks: int, expires_at: int) -> None:
     rows = [
         {
             "batch_id": batch_id,
@@ -123,6 +132,32 @@ def test_small_batch_behind_a_huge_one_is_leased_next(db_url: str) -> None:
             assert keys(nxt) == ["other#0", "other#1", "small#0"]
             # Without a cap a lease round takes chunks of the huge batch, fewest-held project first.
             assert len(await store.lease_chunks("B", now=100.0, ttl=60, n=5)) == 5
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_validation_alternates_projects_edf_within(db_url: str) -> None:
+    """Project a created four batches before b and c created theirs: validation still serves
+    the project with the fewest batches in progress or validating first, so none of them
+    waits for all of another's files; within a project the earlier deadline goes first."""
+    upgrade(db_url)
+
+    async def run() -> None:
+        store = Store.open(db_url)
+        try:
+            for i in range(1, 5):
+                await new_batch(store, f"a{i}", "a", expires_at=3000 if i != 3 else 2000)
+            for i in range(1, 4):
+                await new_batch(store, f"b{i}", "b", expires_at=3000)
+            await new_batch(store, "c1", "c", expires_at=3000)
+            order = []
+            while (job := await store.claim_validation("v", 100.0, 30)) is not None:
+                order.append(job["id"])
+                if len(order) > 1:  # the first stays held: a validation still running counts too
+                    await start(store, job["id"], 1, 3000)
+            assert order == ["a3", "b1", "c1", "a1", "b2", "a2", "b3", "a4"]
         finally:
             await store.close()
 

@@ -281,13 +281,45 @@ class Store(WebhookQueries):
     # ------------------------------------------------------------------ batch-level jobs
 
     async def claim_validation(self, owner: str, now: float, ttl: float) -> Row | None:
-        """Lease one ``validating`` batch whose deadline has not passed."""
+        """Lease one ``validating`` batch whose deadline has not passed, fairly: the project
+        with the fewest batches in progress or being validated goes first (so projects
+        alternate), earliest deadline first within a project. In creation order, a project
+        that created its batches last would have all of them validated last, and have nothing
+        to dispatch while the others run."""
         cond = and_(
             batches.c.status == "validating",
             batches.c.expires_at > now,
             or_(batches.c.job_owner.is_(None), batches.c.job_expires_at < now),
         )
-        return await self._claim_job(cond, owner, now, ttl, batches.c.seq.asc())
+        busy = (
+            select(batches.c.project, func.count().label("n"))
+            .where(
+                or_(
+                    batches.c.status == "in_progress",
+                    and_(batches.c.status == "validating", batches.c.job_expires_at >= now),
+                )
+            )
+            .group_by(batches.c.project)
+            .subquery("busy")
+        )
+        turn = func.row_number().over(
+            partition_by=batches.c.project, order_by=(batches.c.expires_at, batches.c.seq)
+        )
+        ranked = (
+            select(batches.c.id, (func.coalesce(busy.c.n, 0) + turn).label("key"))
+            .select_from(batches.outerjoin(busy, busy.c.project == batches.c.project))
+            .where(cond)
+            .subquery("ranked")
+        )
+        # The lock (PostgreSQL) is taken a level above the window function, as in lease_chunks.
+        pick = (
+            select(batches.c.id)
+            .join(ranked, ranked.c.id == batches.c.id)
+            .where(cond)
+            .order_by(ranked.c.key, batches.c.seq)
+            .limit(1)
+        )
+        return await self._claim_job(cond, owner, now, ttl, pick)
 
     async def finalize_candidates(self, now: float, limit: int = 50) -> list[Row]:
         """Batches whose dispatch is over: all chunks done, cancelled or past the deadline,
@@ -332,7 +364,8 @@ class Store(WebhookQueries):
             batches.c.status.in_(ACTIVE_STATUSES),
             or_(batches.c.job_owner.is_(None), batches.c.job_expires_at < now),
         )
-        return await self._claim_job(cond, owner, now, ttl, batches.c.seq.asc())
+        pick = select(batches.c.id).where(cond).order_by(batches.c.seq).limit(1)
+        return await self._claim_job(cond, owner, now, ttl, pick)
 
     async def renew_job(self, batch_id: str, owner: str, now: float, ttl: float) -> bool:
         q = (
@@ -343,8 +376,9 @@ class Store(WebhookQueries):
         async with self.engine.begin() as conn:
             return (await conn.execute(q)).rowcount == 1
 
-    async def _claim_job(self, cond: Any, owner: str, now: float, ttl: float, order: Any) -> Row | None:
-        picked = self._picked(select(batches.c.id).where(cond).order_by(order).limit(1), "picked_batch")
+    async def _claim_job(self, cond: Any, owner: str, now: float, ttl: float, pick: Any) -> Row | None:
+        """Take the batch ``pick`` selects (one id) for this owner's job, if ``cond`` holds."""
+        picked = self._picked(pick, "picked_batch", of=batches)
         q = (
             update(batches)
             .where(batches.c.id == picked.c.id, cond)
