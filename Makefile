@@ -14,7 +14,7 @@ serve: $(VENV)/bin/python
 
 test: $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 lint: $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install -q -e '.[test,dev]'

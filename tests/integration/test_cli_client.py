@@ -154,7 +154,8 @@ def test_ctrl_c_without_a_terminal_detaches_then_cancel_and_download(
 
 
 def _spawn(args: list[str], server: Server) -> pexpect.spawn:
-    env = {**os.environ, "TERM": "xterm", "BATCHD_SERVER": server.base_url}
+    # COLUMNS as the pty's width: an inherited COLUMNS (pytest-xdist sets 80) would win over it.
+    env = {**os.environ, "TERM": "xterm", "COLUMNS": "200", "BATCHD_SERVER": server.base_url}
     return pexpect.spawn(
         sys.executable, ["-m", "batchd", *args], env=env, dimensions=(40, 200), timeout=60, encoding="utf-8"
     )

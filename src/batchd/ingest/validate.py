@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -566,16 +566,32 @@ async def blocks_of(
     blobs: BlobStore, key: str, start: int = 0, end: int | None = None, max_line: int | None = None
 ) -> AsyncIterator[tuple[bytes, int]]:
     """(block, offset) over a stored object: blocks of about ``BLOCK_BYTES`` that end at a
-    line boundary (the last one at the end of the range)."""
+    line boundary (the last one at the end of the range). A local file is read by
+    ``file_blocks`` (positioned reads, one copy), a block at a time on a thread."""
+    path = blobs.local_path(key)
+    if path is not None:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError as exc:
+            raise BlobMissing(f"missing object {key}") from exc
+        blocks = file_blocks(path, start, size if end is None else min(end, size), max_line)
+        try:
+            while (item := await asyncio.to_thread(next, blocks, None)) is not None:
+                yield item
+        finally:
+            blocks.close()  # a caller that stops early: the file closes now, not at GC
+        return
     cutter = _Cutter(start, max_line)
-    async for piece in _pieces(blobs, key, start, end):
+    async for piece in blobs.stream(key, start, end):
         for item in cutter.push(piece):
             yield item
     for item in cutter.rest():
         yield item
 
 
-def file_blocks(path: Path, start: int, end: int, max_line: int | None = None) -> Iterator[tuple[bytes, int]]:
+def file_blocks(
+    path: Path, start: int, end: int, max_line: int | None = None
+) -> Generator[tuple[bytes, int], None, None]:
     """``blocks_of`` for a local file, synchronously (for worker processes). Each block is
     one positioned read cut after its last newline; the next read starts there, so the only
     copy is that cut. From a line longer than a block on, ``_Cutter`` takes over."""
@@ -654,29 +670,6 @@ class _Cutter:
             yield self.carry, self.at
             self.at += len(self.carry)
             self.carry = b""
-
-
-async def _pieces(blobs: BlobStore, key: str, start: int, end: int | None) -> AsyncIterator[bytes]:
-    path = blobs.local_path(key)
-    if path is None:
-        async for piece in blobs.stream(key, start, end):
-            yield piece
-        return
-    try:
-        f = await asyncio.to_thread(open, path, "rb")
-    except FileNotFoundError as exc:
-        raise BlobMissing(f"missing object {key}") from exc
-    with f:
-        f.seek(start)
-        left = (end - start) if end is not None else None
-        while left is None or left > 0:
-            want = 4 * BLOCK_BYTES if left is None else min(4 * BLOCK_BYTES, left)
-            piece = await asyncio.to_thread(f.read, want)
-            if not piece:
-                return
-            if left is not None:
-                left -= len(piece)
-            yield piece
 
 
 async def validate_file(
