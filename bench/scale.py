@@ -264,7 +264,8 @@ def dispatch_window(
                 }
         ended = b.status in TERMINAL
         timed = window is None and now - t0 >= args.dispatch_seconds and small_done is not None
-        if ended or timed or now - t0 > args.dispatch_seconds * 10:
+        cap = args.timeout if window is not None else args.dispatch_seconds * 10
+        if ended or timed or now - t0 > cap:
             break
         time.sleep(0.5)
     elapsed = time.monotonic() - t0
