@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
@@ -16,17 +13,6 @@ from batchd.store import Store
 from batchd.store.migrate import upgrade
 from batchd.store.store import PartCommit
 from batchd.store.tables import metadata
-from tests import backends
-
-
-@pytest.fixture(params=backends.enabled())
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The same store tests on a SQLite file and on a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}"
-    else:
-        with backends.pg_database() as url:
-            yield url
 
 
 def test_migrations_match_the_tables(db_url: str) -> None:

@@ -23,7 +23,6 @@ from batchd.store.migrate import upgrade
 from batchd.webhooks.delivery import event_body, next_attempt
 from batchd.webhooks.policy import AddressPolicy, AddressRefused, CheckedResolver, WebhookURLError
 from batchd.webhooks.signing import new_secret, sign_headers
-from tests import backends
 
 STRICT = AddressPolicy()
 REFUSED_AT_CREATE = [
@@ -213,15 +212,6 @@ def test_retry_schedule() -> None:
 # ------------------------------------------------------------------------ the outbox
 
 
-@pytest.fixture(params=backends.enabled())
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}"
-    else:
-        with backends.pg_database() as url:
-            yield url
-
-
 async def _batch(store: Store, bid: str, project: str = "p", webhook_url: str | None = None) -> None:
     await store.insert_batch(
         id=bid,
@@ -236,11 +226,11 @@ async def _batch(store: Store, bid: str, project: str = "p", webhook_url: str | 
     )
 
 
-def test_outbox_rows_come_with_the_terminal_status(store_url: str) -> None:
-    upgrade(store_url)
+def test_outbox_rows_come_with_the_terminal_status(db_url: str) -> None:
+    upgrade(db_url)
 
     async def go() -> None:
-        store = Store.open(store_url)
+        store = Store.open(db_url)
         try:
             await store.add_webhook_endpoint(
                 id="we_1", project="p", url="https://hooks.example/p", created_at=1
@@ -291,11 +281,11 @@ def test_outbox_rows_come_with_the_terminal_status(store_url: str) -> None:
     asyncio.run(go())
 
 
-def test_secret_rotation_keeps_the_previous_one_for_a_while(store_url: str) -> None:
-    upgrade(store_url)
+def test_secret_rotation_keeps_the_previous_one_for_a_while(db_url: str) -> None:
+    upgrade(db_url)
 
     async def go() -> None:
-        store = Store.open(store_url)
+        store = Store.open(db_url)
         try:
             assert await store.webhook_secret("p") is None
             assert await store.ensure_webhook_secret("p", "whsec_one", 10)
